@@ -1,0 +1,1 @@
+from . import gpd_mobilenet, gpd_resnet

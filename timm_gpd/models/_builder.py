@@ -1,0 +1,54 @@
+"""Shared construction of the ``gpd_*`` entrypoints: a stock timm student wrapped in a GPDModel."""
+from typing import Any, Dict
+
+import timm
+from timm.models._builder import resolve_pretrained_cfg
+
+from ..reparam.model import GPDModel
+
+# timm-style kwargs of the wrapper; everything else goes to the student (num_classes, in_chans, drop_rate...)
+GPD_KWARGS = {
+    'gpd_ratio': 'ratio',
+    'gpd_cbr': 'cbr',
+    'gpd_cbr_init': 'cbr_init',
+    'gpd_cbr_only': 'cbr_only',
+    'gpd_noise': 'noise',
+    'gpd_seed': 'seed',
+    'gpd_check': 'check',
+}
+# pretrained_cfg fields that describe the student's weights, handed to timm when loading them
+_STUDENT_WEIGHT_KEYS = ('hf_hub_id', 'hf_hub_filename', 'url', 'file', 'state_dict', 'num_classes',
+                        'label_names', 'mean', 'std', 'input_size', 'crop_pct', 'interpolation')
+
+
+def gpd_cfg(**kwargs) -> Dict[str, Any]:
+    """A ``gpd_*`` pretrained cfg: the student's defaults plus where the student's weights live."""
+    cfg = dict(
+        url='', num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+        interpolation='bilinear', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        first_conv='conv1', classifier='fc', license='apache-2.0')
+    cfg.update(kwargs)
+    return cfg
+
+
+def build_gpd_model(variant: str, student_arch: str, pretrained: bool = False, **kwargs) -> GPDModel:
+    """Create ``student_arch`` with timm (weights from the variant's cfg when ``pretrained``), then
+    wrap it. Pretrained students start CBR from their kernels (fine-tune init) unless told otherwise."""
+    cfg = resolve_pretrained_cfg(
+        variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None)).to_dict()
+    gpd_args = {GPD_KWARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in GPD_KWARGS}
+    unknown = sorted(k for k in kwargs if k.startswith('gpd_'))
+    if unknown:
+        raise TypeError(f'{variant}: unknown GPD argument(s) {unknown}; expected some of {sorted(GPD_KWARGS)}')
+    if pretrained:
+        gpd_args.setdefault('cbr_init', 'finetune')
+        overlay = {k: cfg[k] for k in _STUDENT_WEIGHT_KEYS if cfg.get(k)}
+        student = timm.create_model(student_arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    else:
+        student = timm.create_model(student_arch, pretrained=False, **kwargs)
+    model = GPDModel(student, **gpd_args)
+    cfg.update(architecture=variant, first_conv=student.pretrained_cfg.get('first_conv'),
+               classifier=student.pretrained_cfg.get('classifier'), num_classes=model.num_classes)
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+    return model

@@ -1,0 +1,28 @@
+"""GPD ResNets: a ResNet student inside a 2x-wide dynamic teacher (``gpd_ratio`` changes it)."""
+from timm.models import generate_default_cfgs, register_model
+
+from ._builder import build_gpd_model, gpd_cfg
+
+default_cfgs = generate_default_cfgs({
+    'gpd_resnet18': gpd_cfg(),
+    'gpd_resnet34': gpd_cfg(),
+    'gpd_resnet50': gpd_cfg(),
+})
+
+
+@register_model
+def gpd_resnet18(pretrained=False, **kwargs):
+    """ResNet-18 student, GPD dynamic teacher (ratio 2, CBR on by default)."""
+    return build_gpd_model('gpd_resnet18', 'resnet18', pretrained, **kwargs)
+
+
+@register_model
+def gpd_resnet34(pretrained=False, **kwargs):
+    """ResNet-34 student, GPD dynamic teacher."""
+    return build_gpd_model('gpd_resnet34', 'resnet34', pretrained, **kwargs)
+
+
+@register_model
+def gpd_resnet50(pretrained=False, **kwargs):
+    """ResNet-50 student, GPD dynamic teacher."""
+    return build_gpd_model('gpd_resnet50', 'resnet50', pretrained, **kwargs)

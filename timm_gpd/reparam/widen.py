@@ -1,0 +1,299 @@
+"""Build the dynamic teacher: a plain, wider copy of a model computing the same function."""
+import copy
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .branches import CBRConv2d
+from .expansion import TensorPlan, symmetry_noise, widen_tensor
+from .rules import ModulePlan, RuleContext, get_rule, unsupported_reason
+
+DEFAULT_NOISE = 0.01
+CHECK_IMG_SIZE = 32
+
+
+@dataclass
+class ExpansionPlan:
+    tensors: Dict[str, TensorPlan]  # full parameter / buffer name -> plan
+    attrs: List[Tuple[str, str, object]]  # (module path, attribute, new value)
+    stem: Tuple[str, ...]
+    classifier: Tuple[str, ...]
+
+
+def validate_ratio(ratio) -> float:
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f'gpd_ratio must be a number > 1, got {ratio!r}') from None
+    if not math.isfinite(value) or value <= 1.0:
+        raise ValueError(f'gpd_ratio must be a finite number > 1 (the dynamic teacher is wider), got {ratio!r}')
+    return value
+
+
+def _join(prefix: str, name: str) -> str:
+    return '.'.join(p for p in (prefix, name) if p)
+
+
+def _cfg_paths(model: nn.Module, key: str) -> Tuple[str, ...]:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    value = cfg.get(key)
+    if not value:
+        return ()
+    paths = (value,) if isinstance(value, str) else tuple(value)
+    modules = dict(model.named_modules())
+    return tuple(p for p in paths if p in modules)
+
+
+def find_stem_and_classifier(model: nn.Module) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """Module paths whose input is the image (stem) and whose output is the logits (classifier).
+
+    timm's ``pretrained_cfg`` names them (``first_conv`` / ``classifier``); for other models the
+    first conv / linear is the stem and ``get_classifier()`` (or the last linear) the classifier.
+    """
+    stem = _cfg_paths(model, 'first_conv')
+    classifier = _cfg_paths(model, 'classifier')
+    named = list(model.named_modules())
+    if not stem:
+        stem = tuple(n for n, m in named if isinstance(m, (nn.Conv2d, nn.Linear, CBRConv2d)))[:1]
+    if not classifier and hasattr(model, 'get_classifier'):
+        head = model.get_classifier()
+        classifier = tuple(n for n, m in named if m is head)
+    if not classifier:
+        classifier = tuple(n for n, m in named if isinstance(m, nn.Linear))[-1:]
+    for path in classifier:
+        head = model.get_submodule(path)
+        if not any(True for _ in head.parameters()):
+            raise ValueError(
+                f'The classifier {path!r} of {type(model).__name__} has no weights (num_classes=0?): '
+                'GPD needs a classification head.')
+    if not stem:
+        raise ValueError(f'Could not find the stem (first conv / linear) of {type(model).__name__}')
+    return stem, classifier
+
+
+def plan_expansion(model: nn.Module, ratio: float) -> ExpansionPlan:
+    """Walk ``model`` and collect how every tensor widens; raises on anything not covered."""
+    ratio = validate_ratio(ratio)
+    stem, classifier = find_stem_and_classifier(model)
+    plan = ExpansionPlan({}, [], stem, classifier)
+
+    def visit(path: str, module: nn.Module):
+        reason = unsupported_reason(module)
+        if reason:
+            raise NotImplementedError(f'{path or "<model>"} ({type(module).__name__}) {reason}: '
+                                      'inverse reparameterization does not support it')
+        rule = get_rule(module)
+        if rule is None:
+            own = list(module._parameters.items()) + list(module._buffers.items())
+            if any(t is not None for _, t in own):
+                raise NotImplementedError(
+                    f'{path or "<model>"} ({type(module).__module__}.{type(module).__name__}) has tensors of its own '
+                    f'and no inverse reparameterization rule; register one with timm_gpd.register_rule')
+            handled = set()
+        else:
+            ctx = RuleContext(path, ratio, expand_in=path not in stem, expand_out=path not in classifier)
+            mp: ModulePlan = rule(module, ctx)
+            for name, tplan in mp.tensors.items():
+                if tplan.dims:
+                    plan.tensors[_join(path, name)] = tplan
+            for name, value in mp.attrs.items():
+                sub, _, attr = name.rpartition('.')
+                plan.attrs.append((_join(path, sub), attr, value))
+            handled = mp.handled
+        for name, child in module.named_children():
+            if name not in handled:
+                visit(_join(path, name), child)
+
+    visit('', model)
+    if not plan.tensors:
+        raise ValueError(f'ratio {ratio} adds no channel anywhere in {type(model).__name__}')
+    narrow = sorted({n for n, p in plan.tensors.items() for _, c, _ in p.dims if c.expanded and c.wide_size == c.size})
+    if narrow:
+        raise ValueError(f'gpd_ratio {ratio} gives 0 extra channels to {narrow[0]}; use a larger ratio')
+    return plan
+
+
+def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor):
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = value
+
+
+def build_wide_model(
+        model: nn.Module,
+        plan: ExpansionPlan,
+        noise: float = DEFAULT_NOISE,
+        seed: int = 0,
+) -> nn.Module:
+    """A deep copy of ``model`` with every tensor widened by ``plan`` plus exact symmetry noise.
+
+    ``noise`` is relative to each weight's standard deviation and is added to every layer's
+    ``weight``; it sums to zero over the copies of every input channel, so neither the function
+    nor the student view changes.
+    """
+    wide = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for full_name, tplan in plan.tensors.items():
+            path, _, name = full_name.rpartition('.')
+            module = wide.get_submodule(path)
+            old = getattr(module, name)
+            value = widen_tensor(old.detach(), tplan)
+            # the main kernel of each layer is enough to let the copies diverge; CBR's extra
+            # branch tensors stay exact replicas (noising them too only costs build time)
+            if name == 'weight' and name in module._parameters and noise > 0 and old.numel() > 1:
+                scale = float(old.detach().float().std()) * noise
+                extra = symmetry_noise(value, tplan, scale, generator)
+                if extra is not None:
+                    value = value + extra
+            _replace_tensor(module, name, value.contiguous())
+        for path, attr, value in plan.attrs:
+            setattr(wide.get_submodule(path), attr, value)
+    _update_feature_widths(model, wide, plan.classifier)
+    return wide
+
+
+def _in_width(module: nn.Module) -> Optional[int]:
+    return getattr(module, 'in_features', getattr(module, 'in_channels', None))
+
+
+def _update_feature_widths(model: nn.Module, wide: nn.Module, classifier: Sequence[str]):
+    """timm keeps the head's input width on the model (``num_features``): keep it true for the DT."""
+    if not classifier:
+        return
+    before = _in_width(model.get_submodule(classifier[0]))
+    after = _in_width(wide.get_submodule(classifier[0]))
+    for attr in ('num_features', 'head_hidden_size'):
+        if before is not None and getattr(model, attr, None) == before:
+            setattr(wide, attr, after)
+
+
+def check_input(model: nn.Module, stem: Sequence[str], batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A random image batch the model accepts (its fixed size, else a small one)."""
+    first = model.get_submodule(stem[0])
+    in_chans = getattr(first, 'in_channels', getattr(first, 'in_features', 3))
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    size = cfg.get('input_size', (in_chans, 224, 224))[1:]
+    patch_embed = getattr(model, 'patch_embed', None)
+    fixed = cfg.get('fixed_input_size', False) or (
+        patch_embed is not None and getattr(patch_embed, 'strict_img_size', False))
+    if patch_embed is not None and getattr(patch_embed, 'img_size', None):
+        size = tuple(patch_embed.img_size)
+    if not fixed:
+        size = (CHECK_IMG_SIZE, CHECK_IMG_SIZE)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, in_chans, *size, generator=generator).to(device)
+
+
+def max_logit_error(reference: torch.Tensor, other: torch.Tensor) -> Tuple[float, float]:
+    """Max abs difference and the tolerance the project uses for 'same function' in fp32."""
+    err = (reference.float() - other.float()).abs().max().item()
+    tol = 1e-4 * max(1.0, reference.float().abs().max().item())
+    return err, tol
+
+
+def _first_copy(wide: torch.Tensor, shape: torch.Size) -> Optional[torch.Tensor]:
+    if wide.ndim != len(shape) or any(w < s for w, s in zip(wide.shape, shape)):
+        return None
+    for dim, size in enumerate(shape):
+        wide = wide.narrow(dim, 0, size)
+    return wide
+
+
+def _tensors(value) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def locate_mismatch(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, tol: float) -> Optional[str]:
+    """Path and type of the module whose forward first hands a child channels that are not
+    replicas of the student's: that module's own code (a concat, a shuffle...) mixes channels."""
+    inputs: Dict[str, List[torch.Tensor]] = {}
+
+    class _Found(Exception):
+        pass
+
+    def record(path):
+        def hook(_, args):
+            inputs.setdefault(path, _tensors(args))
+        return hook
+
+    def compare(path):
+        def hook(_, args):
+            expected = inputs.get(path)
+            if expected is None:
+                return
+            for ref, got in zip(expected, _tensors(args)):
+                got = _first_copy(got, ref.shape)
+                if got is None or (got.float() - ref.float()).abs().max().item() > tol:
+                    raise _Found(path)
+        return hook
+
+    handles = []
+    try:
+        handles += [m.register_forward_pre_hook(record(p)) for p, m in narrow.named_modules()]
+        with torch.no_grad():
+            narrow(x)
+        for h in handles:
+            h.remove()
+        handles = [m.register_forward_pre_hook(compare(p)) for p, m in wide.named_modules()]
+        with torch.no_grad():
+            wide(x)
+    except _Found as found:
+        path = found.args[0]
+        parent_path = path.rpartition('.')[0]
+        parent = wide.get_submodule(parent_path)
+        return f'{parent_path or "<model>"} ({type(parent).__name__})'
+    finally:
+        for h in handles:
+            h.remove()
+    return None
+
+
+def check_function_preserved(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, what: str = 'dynamic teacher'):
+    """Eval-mode fp32 check that ``wide`` computes what ``narrow`` does; raises with the culprit."""
+    modes = [(m, m.training) for net in (narrow, wide) for m in net.modules()]
+    narrow.eval()
+    wide.eval()
+    try:
+        with torch.no_grad():
+            ref, out = narrow(x), wide(x)
+        err, tol = max_logit_error(ref, out)
+        if out.shape == ref.shape and err <= tol:
+            return
+        culprit = locate_mismatch(narrow, wide, x, tol)
+        if culprit is not None:
+            raise NotImplementedError(
+                f'{culprit} combines channels in its forward in a way the inverse reparameterization rules do '
+                f'not cover (e.g. concatenation or shuffling), so the {what} would compute a different function')
+        raise RuntimeError(
+            f'The {what} does not reproduce the student: max |logit diff| {err:.3g} > tolerance {tol:.3g}')
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def inverse_reparameterize(
+        model: nn.Module,
+        ratio: float = 2.0,
+        noise: float = DEFAULT_NOISE,
+        seed: int = 0,
+        check: bool = True,
+) -> nn.Module:
+    """A plain copy of ``model`` with every internal channel dimension widened by ``ratio``,
+    computing the same function (checked on a random input unless ``check=False``)."""
+    plan = plan_expansion(model, ratio)
+    wide = build_wide_model(model, plan, noise=noise, seed=seed)
+    if check:
+        check_function_preserved(model, wide, check_input(model, plan.stem))
+    return wide
