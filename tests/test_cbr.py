@@ -28,7 +28,7 @@ def _branch_outputs(m: CBRConv2d, x):
     mixed = nn.functional.conv2d(x, (m.mixer + m.mixer_identity)[..., None, None], groups=m.groups)
     out = out + s[3] * conv(mixed, m.w_kxk)
     dw = nn.functional.conv2d(x, m.w_dw[:, None], None, 1, m.padding, m.dilation, m.in_channels)
-    out = out + s[4] * conv(dw, m.w_pw[..., None, None])
+    out = out + s[4] * nn.functional.conv2d(dw, m.w_pw[..., None, None], groups=m.groups)
     return out + m.bias[None, :, None, None]
 
 

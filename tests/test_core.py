@@ -28,7 +28,7 @@ def assert_same_function(reference, other, rel=1e-4):
     assert err <= tol * rel / 1e-4, f'max |diff| {err:.3g} > {tol * rel / 1e-4:.3g}'
 
 
-def train_steps(model, in_chans=3, steps=3, lr=0.05, img=32, batch=8, seed=0):
+def train_steps(model, in_chans=3, steps=2, lr=0.05, img=32, batch=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
@@ -49,8 +49,9 @@ def train_steps(model, in_chans=3, steps=3, lr=0.05, img=32, batch=8, seed=0):
 @pytest.mark.parametrize('name', list(ENTRYPOINTS))
 def test_teacher_equals_student_at_init(name, ratio, cbr, in_chans):
     torch.manual_seed(0)
+    # the construction check is what this test does itself, in both modes
     model = timm.create_model(name, num_classes=10, in_chans=in_chans, gpd_ratio=ratio, gpd_cbr=cbr,
-                              **ENTRYPOINTS[name])
+                              gpd_check=False, **ENTRYPOINTS[name])
     assert isinstance(model, timm_gpd.GPDModel)
     # batch x final spatial size must exceed 2 or train-mode BatchNorm of 2 values is +-1 by fp noise
     x = torch.randn(4, in_chans, 64, 64)
@@ -67,9 +68,11 @@ def test_teacher_equals_student_at_init(name, ratio, cbr, in_chans):
     assert model.teacher.get_classifier().in_features == int(s_width * ratio + 0.5)
 
 
-def test_gpd_model_wraps_any_timm_model_and_matches_the_original():
+@pytest.mark.parametrize('ratio', [2, 3, 1.5])
+def test_gpd_model_wraps_any_timm_model_and_matches_the_original(ratio):
+    # with symmetry noise on: the student's own block must stay noise-free for any ratio
     student = timm.create_model('mobilenetv2_100', num_classes=10).eval()
-    model = timm_gpd.GPDModel(student, ratio=2, cbr=False).eval()
+    model = timm_gpd.GPDModel(student, ratio=ratio, cbr=False, noise=0.1).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_same_function(student(x), model(x))
@@ -85,6 +88,21 @@ def test_inverse_reparameterize_returns_plain_wide_model():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_same_function(narrow(x), wide(x))
+
+
+@pytest.mark.parametrize('ratio', [2, 3, 1.5])
+def test_symmetry_noise_sums_to_zero_over_copies_and_spares_the_student_block(ratio):
+    from timm_gpd.reparam.expansion import COPY, MIX, ChannelMap, TensorPlan, student_view, symmetry_noise, widen_tensor
+    out_map, in_map = ChannelMap.single(6, ratio), ChannelMap.single(4, ratio)
+    plan = TensorPlan(((0, out_map, COPY), (1, in_map, MIX)))
+    w = torch.randn(6, 4, 3, 3)
+    wide = widen_tensor(w, plan)
+    noise = symmetry_noise(wide, plan, 1.0, torch.Generator().manual_seed(0))
+    per_input_channel = torch.zeros(noise.shape[0], 4, 3, 3).index_add_(1, in_map.source_index(), noise)
+    assert per_input_channel.abs().max() < 1e-5
+    assert noise[:6, :4].abs().max() == 0
+    assert noise.abs().sum() > 1.0
+    torch.testing.assert_close(student_view(wide + noise, plan), w)
 
 
 def test_symmetry_noise_is_exact_and_breaks_symmetry():
@@ -159,8 +177,14 @@ def test_student_loss_gradient_reaches_only_block0_of_teacher():
     assert fc.grad[:, :fc.shape[1] // 2].abs().sum() > 0
 
 
-def test_parameters_listed_once_and_student_has_none():
-    model = timm.create_model('gpd_resnet18', num_classes=10)
+@pytest.fixture(scope='module')
+def resnet18_gpd():
+    """One untrained gpd_resnet18 for the read-only tests (building it is the slow part)."""
+    return timm.create_model('gpd_resnet18', num_classes=10).eval()
+
+
+def test_parameters_listed_once_and_student_has_none(resnet18_gpd):
+    model = resnet18_gpd
     names = [n for n, _ in model.named_parameters()]
     assert names and all(n.startswith('teacher.') for n in names)
     ids = [id(p) for p in model.parameters()]
@@ -184,7 +208,7 @@ def test_state_dict_and_pickle_round_trip():
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     buf.seek(0)
-    other = timm.create_model('gpd_resnet18', num_classes=10, gpd_seed=7)
+    other = timm.create_model('gpd_resnet18', num_classes=10, gpd_seed=7, gpd_check=False)
     other.load_state_dict(torch.load(buf, weights_only=True))
     other.eval()
     clone = pickle.loads(pickle.dumps(model)).eval()
@@ -267,8 +291,8 @@ def test_vit_teacher_equals_student_and_extracts():
         assert_same_function(model(x), stock.eval()(x), rel=1e-5)
 
 
-def test_forward_modes():
-    model = timm.create_model('gpd_resnet18', num_classes=10).eval()
+def test_forward_modes(resnet18_gpd):
+    model = resnet18_gpd
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), model(x, mode='student'))

@@ -1,1 +1,1 @@
-from . import gpd_mobilenet, gpd_resnet
+from . import gpd_mobilenet, gpd_resnet, gpd_vit

@@ -19,7 +19,7 @@ dimensions, multiply by ``n_c``.
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -91,8 +91,22 @@ class ChannelMap:
         return mask
 
     def copies(self) -> torch.Tensor:
-        """Number of copies of each student position (float, for scaling)."""
-        return torch.bincount(self.source_index(), minlength=self.size).float()
+        """Number of copies of each student position (float, for scaling).
+
+        Closed form of ``bincount(source_index())``: position c of a segment of s channels widened
+        to w has ``w // s`` copies, plus one if ``c < w % s``. bincount's output shape depends on
+        data, which makes torch.compile break the graph at every student_view.
+        """
+        return torch.cat([
+            (w // s + (torch.arange(s) < w % s).long()).float() for s, w in zip(self.sizes, self.wide)])
+
+    def copy_count(self) -> Optional[int]:
+        """The number of copies when every student position has the same number, else None.
+
+        Plain Python, so that student_view branches on no tensor data (torch.compile, jit.trace).
+        """
+        counts = {w // s for s, w in zip(self.sizes, self.wide)}
+        return counts.pop() if self.uniform and len(counts) == 1 else None
 
     def primary_slices(self) -> Tuple[Tuple[int, int], ...]:
         """(start, length) runs of primary DT positions: narrow() is cheaper than index_select."""
@@ -151,11 +165,11 @@ def student_view(t: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
         else:
             t = torch.cat([t.narrow(dim, *r) for r in runs], dim)
         if kind == MIX:
-            copies = cmap.copies()
-            if bool((copies == copies[0]).all()):
-                t = t * float(copies[0])
+            count = cmap.copy_count()
+            if count is not None:
+                t = t * float(count)
             else:
-                t = t * _along(copies.to(t), dim, t.ndim)
+                t = t * _along(cmap.copies().to(t), dim, t.ndim)
     return t
 
 
@@ -175,6 +189,9 @@ def symmetry_noise(wide: torch.Tensor, plan: TensorPlan, std: float, generator: 
     row_dims = [(d, c) for d, c, _ in plan.dims if d != mix_dim and c.expanded]
     if not bool((counts > 1).any()) or (not row_dims and not bool((counts > 2).any())):
         return None
+    if mix_map.uniform and len(mix_map.sizes) == 1 and all(len(c.sizes) == 1 for _, c in row_dims):
+        noise = _uniform_symmetry_noise(wide.shape, mix_dim, mix_map, row_dims, generator)
+        return (noise * std).to(dtype=wide.dtype, device=wide.device)
     src, primary = mix_map.source_index(), mix_map.primary_index()
     ndim = wide.ndim
     noise = torch.randn(wide.shape, generator=generator)
@@ -194,5 +211,17 @@ def symmetry_noise(wide: torch.Tensor, plan: TensorPlan, std: float, generator: 
     return (noise * std).to(dtype=wide.dtype, device=wide.device)
 
 
-def apply_plans(tensors: Dict[str, torch.Tensor], plans: Dict[str, TensorPlan]) -> Dict[str, torch.Tensor]:
-    return {name: widen_tensor(t, plans[name]) if name in plans else t for name, t in tensors.items()}
+def _uniform_symmetry_noise(shape, mix_dim, mix_map, row_dims, generator) -> torch.Tensor:
+    """Same construction as :func:`symmetry_noise` when every input channel has r copies laid
+    out copy-major: the copies become their own axis, so everything is a reshape or a view."""
+    copies, channels = mix_map.wide_size // mix_map.size, mix_map.size
+    split = tuple(shape[:mix_dim]) + (copies, channels) + tuple(shape[mix_dim + 1:])
+    noise = torch.randn(split, generator=generator)
+    noise -= noise.mean(mix_dim, keepdim=True)
+    student_rows = noise
+    for dim, cmap in row_dims:
+        student_rows = student_rows.narrow(dim if dim < mix_dim else dim + 1, 0, cmap.size)
+    primary = student_rows.select(mix_dim, 0)
+    student_rows.narrow(mix_dim, 1, copies - 1).add_(primary.unsqueeze(mix_dim) / (copies - 1))
+    primary.zero_()
+    return noise.flatten(mix_dim, mix_dim + 1)

@@ -1,5 +1,6 @@
 """GPDModel: a dynamic teacher and the student that is a view of a slice of it."""
 import copy
+from contextlib import contextmanager
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -105,12 +106,14 @@ class GPDModel(nn.Module):
     def forward_student(self, x: torch.Tensor) -> torch.Tensor:
         if self.teacher is None:
             return self.student(x)
+        if torch.jit.is_tracing():
+            # functional_call refuses to run under torch.jit.trace; do by hand what it does
+            with _plugged(self.student, self.student_parameters()):
+                return self.student(x)
         return functional_call(self.student, self.student_parameters(), (x,))
 
     def forward_teacher(self, x: torch.Tensor) -> torch.Tensor:
-        if self.teacher is None:
-            raise ValueError('This GPDModel was built with cbr_only=True: it has no dynamic teacher')
-        return self.teacher(x)
+        return self(x, mode='teacher')
 
     def forward_both(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(student logits, teacher logits); calls ``self(x, mode='both')`` so DDP hooks run."""
@@ -118,12 +121,14 @@ class GPDModel(nn.Module):
 
     def forward(self, x: torch.Tensor, mode: Optional[str] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         mode = mode or self.default_mode
+        if mode in ('teacher', 'both') and self.teacher is None:
+            raise ValueError(f"mode {mode!r} needs the dynamic teacher, but this GPDModel was built with cbr_only=True")
         if mode == 'student':
             return self.forward_student(x)
         if mode == 'teacher':
-            return self.forward_teacher(x)
+            return self.teacher(x)
         if mode == 'both':
-            return self.forward_student(x), self.forward_teacher(x)
+            return self.forward_student(x), self.teacher(x)
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
 
     @torch.no_grad()
@@ -145,6 +150,23 @@ class GPDModel(nn.Module):
     def extra_repr(self) -> str:
         return (f'student={self.student_arch}, ratio={self.ratio}, cbr={self.cbr}, '
                 f'cbr_init={self.cbr_init!r}, cbr_only={self.cbr_only}')
+
+
+@contextmanager
+def _plugged(student: nn.Module, params: Dict[str, torch.Tensor]):
+    """Put ``params`` (computed views) into the student's emptied parameter slots for one call.
+    Being plain tensors of the graph, they trace as operations on the DT's parameters."""
+    slots = []
+    try:
+        for name, value in params.items():
+            path, _, attr = name.rpartition('.')
+            module = student.get_submodule(path)
+            module._parameters[attr] = value
+            slots.append((module, attr))
+        yield
+    finally:
+        for module, attr in slots:
+            del module._parameters[attr]
 
 
 class _StudentOf(nn.Module):

@@ -26,7 +26,13 @@ class RuleContext:
     expand_out: bool = True
 
     def channels(self, n: int, expand: bool = True) -> ChannelMap:
-        return ChannelMap.single(n, self.ratio) if expand else ChannelMap.identity(n)
+        if not expand:
+            return ChannelMap.identity(n)
+        cmap = ChannelMap.single(n, self.ratio)
+        if not cmap.expanded:
+            raise ValueError(
+                f'gpd_ratio {self.ratio} adds no channel to {self.path} ({n} channels); use a larger ratio')
+        return cmap
 
     def input_map(self, n: int) -> ChannelMap:
         return self.channels(n, self.expand_in)
@@ -266,3 +272,40 @@ def vision_transformer_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
 
 
 _register_timm_rules()
+
+
+def layer_scale_param_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """Blocks that keep their layer scale as a direct ``gamma`` parameter (ConvNeXt): a channel
+    vector, copied. ``gamma`` is None when the block was built without layer scale."""
+    if m.gamma is None:
+        return ModulePlan()
+    return ModulePlan(tensors={'gamma': _plan((0, ctx.channels(m.gamma.shape[0]), COPY))})
+
+
+def global_response_norm_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """ConvNeXt-V2 GRN divides by the mean response over channels, which the replicas keep
+    only when every channel has the same number of copies."""
+    cmap = ctx.channels(m.weight.shape[0])
+    ctx.require_uniform(cmap, 'GlobalResponseNorm')
+    return ModulePlan(tensors=_per_channel(m, cmap, ('weight', 'bias')))
+
+
+def feature_width_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """Models whose ``num_features`` (the last feature map's width) differs from the head's input
+    width, e.g. MobileNetV3 (a 1x1 head conv follows the pooling): keep it true for the DT."""
+    return ModulePlan(attrs={'num_features': ctx.channels(m.num_features).wide_size})
+
+
+def _register_timm_cnn_rules():
+    """CNN families beyond ResNet / MobileNet-V1/V2 (exact types, as above)."""
+    from timm import layers
+    from timm.layers import grn
+    from timm.models import convnext, mobilenetv3
+
+    register_rule(layers.Linear)(linear_rule)  # nn.Linear with a TorchScript dtype cast (MobileNetV3 head)
+    register_rule(convnext.ConvNeXtBlock)(layer_scale_param_rule)
+    register_rule(grn.GlobalResponseNorm)(global_response_norm_rule)
+    register_rule(mobilenetv3.MobileNetV3)(feature_width_rule)
+
+
+_register_timm_cnn_rules()
