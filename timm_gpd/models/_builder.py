@@ -21,6 +21,28 @@ _STUDENT_WEIGHT_KEYS = ('hf_hub_id', 'hf_hub_filename', 'url', 'file', 'state_di
                         'label_names', 'mean', 'std', 'input_size', 'crop_pct', 'interpolation')
 
 
+# where timm-gpd publishes its distilled students (``python -m hfhub.publish``)
+HUB_ORG = 'timm-gpd'
+# Fashion-MNIST as the published students see it: 1 channel at 32 px, the training set's statistics
+FMNIST_DATA_CFG = dict(
+    num_classes=10, input_size=(1, 32, 32), mean=(0.2860,), std=(0.3530,), crop_pct=1.0,
+    interpolation='bilinear', pool_size=None, license='apache-2.0')
+
+
+def stock_weights_cfg(stock_tag: str, **kwargs) -> Dict[str, Any]:
+    """A ``gpd_*`` tag whose student starts from timm's own weights (e.g. ``resnet18.a1_in1k``)."""
+    cfg = timm.models.get_pretrained_cfg(stock_tag).to_dict()
+    for key in ('architecture', 'tag'):  # generate_default_cfgs fills these in for the gpd name
+        cfg.pop(key, None)
+    cfg.update(kwargs)
+    return cfg
+
+
+def fmnist_cfg(student_arch: str, **kwargs) -> Dict[str, Any]:
+    """A ``gpd_*`` tag whose student starts from our Fashion-MNIST student on the Hub."""
+    return gpd_cfg(hf_hub_id=f'{HUB_ORG}/{student_arch}.gpd_fmnist', **dict(FMNIST_DATA_CFG, **kwargs))
+
+
 def gpd_cfg(**kwargs) -> Dict[str, Any]:
     """A ``gpd_*`` pretrained cfg: the student's defaults plus where the student's weights live."""
     cfg = dict(
@@ -43,7 +65,15 @@ def build_gpd_model(variant: str, student_arch: str, pretrained: bool = False, *
     if pretrained:
         gpd_args.setdefault('cbr_init', 'finetune')
         overlay = {k: cfg[k] for k in _STUDENT_WEIGHT_KEYS if cfg.get(k)}
-        student = timm.create_model(student_arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        try:
+            student = timm.create_model(student_arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except OSError as e:  # the Hub client's missing-file errors are OSErrors
+            source = overlay.get('hf_hub_id') or overlay.get('file') or overlay.get('url') or student_arch
+            raise FileNotFoundError(
+                f"{variant}: the student's pretrained weights ({source}) could not be loaded ({e}). "
+                f'Offline (HF_HUB_OFFLINE=1)? Put a published folder in the Hugging Face cache first '
+                f'(`python -m hfhub.cache FOLDER --repo-id {source}`), or pass '
+                f"pretrained_cfg_overlay=dict(file='PATH/model.safetensors').") from e
     else:
         student = timm.create_model(student_arch, pretrained=False, **kwargs)
     model = GPDModel(student, **gpd_args)

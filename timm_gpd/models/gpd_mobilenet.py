@@ -1,16 +1,12 @@
 """GPD MobileNets (V1, V2): depthwise convs widen group-wise, pointwise convs densely."""
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_gpd_model, gpd_cfg
-
-
-def _cfg(**kwargs):
-    return gpd_cfg(first_conv='conv_stem', classifier='classifier', **kwargs)
-
+from ._builder import build_gpd_model, fmnist_cfg, stock_weights_cfg
 
 default_cfgs = generate_default_cfgs({
-    'gpd_mobilenetv1_100': _cfg(),
-    'gpd_mobilenetv2_100': _cfg(),
+    'gpd_mobilenetv1_100.ra4_e3600_r224_in1k': stock_weights_cfg('mobilenetv1_100.ra4_e3600_r224_in1k'),
+    'gpd_mobilenetv2_100.ra_in1k': stock_weights_cfg('mobilenetv2_100.ra_in1k'),
+    'gpd_mobilenetv2_100.fmnist': fmnist_cfg('mobilenetv2_100', first_conv='conv_stem', classifier='classifier'),
 })
 
 

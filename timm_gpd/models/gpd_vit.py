@@ -2,21 +2,12 @@
 (LayerNorm over channels is exact only when every channel has the same number of copies)."""
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_gpd_model, gpd_cfg
-
-
-def _cfg(**kwargs):
-    return gpd_cfg(
-        first_conv='patch_embed.proj', classifier='head', pool_size=None, fixed_input_size=True,
-        crop_pct=0.9, interpolation='bicubic', **kwargs)
-
-
-_INCEPTION_MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+from ._builder import build_gpd_model, stock_weights_cfg
 
 default_cfgs = generate_default_cfgs({
-    'gpd_vit_tiny_patch16_224': _cfg(**_INCEPTION_MEAN_STD),
-    'gpd_deit_tiny_patch16_224': _cfg(),
-    'gpd_deit_small_patch16_224': _cfg(),
+    'gpd_vit_tiny_patch16_224.augreg_in21k_ft_in1k': stock_weights_cfg('vit_tiny_patch16_224.augreg_in21k_ft_in1k'),
+    'gpd_deit_tiny_patch16_224.fb_in1k': stock_weights_cfg('deit_tiny_patch16_224.fb_in1k'),
+    'gpd_deit_small_patch16_224.fb_in1k': stock_weights_cfg('deit_small_patch16_224.fb_in1k'),
 })
 
 

@@ -1,0 +1,252 @@
+"""Model card (README.md with YAML front matter) for a student published from a train.py run."""
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+__all__ = ['RunRecord', 'read_run', 'epoch_metrics', 'headline_metrics', 'wall_time', 'card_metadata', 'render_card',
+           'parse_front_matter']
+
+_logger = logging.getLogger(__name__)
+
+# timm dataset names -> Hugging Face dataset ids, so the card links to the data on the Hub
+_HF_DATASET_IDS = {
+    'torch/fashion_mnist': 'zalando-datasets/fashion_mnist',
+    'torch/mnist': 'ylecun/mnist',
+    'torch/cifar10': 'uoft-cs/cifar10',
+    'torch/cifar100': 'uoft-cs/cifar100',
+}
+_CITATION = """@inproceedings{guo2025gpd,
+  title={Gap Preserving Distillation by Building Bidirectional Mappings with A Dynamic Teacher},
+  author={Guo, Yong and Zhang, Shulian and Pan, Haolin and Liu, Jing and Zhang, Yulun and Chen, Jian},
+  booktitle={International Conference on Learning Representations (ICLR)},
+  year={2025}
+}"""
+
+
+@dataclass
+class RunRecord:
+    """What a train.py output folder says about the run that produced a checkpoint."""
+    checkpoint: Path
+    arch: str
+    num_classes: int
+    in_chans: int
+    img_size: Any = None
+    epoch: Optional[int] = None
+    gpd: Optional[Dict[str, Any]] = None
+    args: Dict[str, Any] = field(default_factory=dict)
+    args_source: str = 'checkpoint'
+    summary: List[Dict[str, Any]] = field(default_factory=list)
+    ema: bool = False  # the published weights are the EMA ones
+    env: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dataset(self) -> Optional[str]:
+        return self.args.get('dataset')
+
+
+def _number(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
+def _read_summary(path: Path) -> List[Dict[str, Any]]:
+    with path.open(newline='') as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_run(checkpoint_path: Path, checkpoint: Dict[str, Any], ema: bool = False) -> RunRecord:
+    """Collect args (args.yaml beside the checkpoint, else the checkpoint's copy) and summary.csv rows."""
+    run_dir = Path(checkpoint_path).parent
+    args, args_source = dict(checkpoint.get('args') or {}), 'checkpoint'
+    args_file = run_dir / 'args.yaml'
+    if args_file.is_file():
+        # the file train.py wrote is the exact record; the checkpoint copy may be normalized
+        args, args_source = yaml.safe_load(args_file.read_text()) or {}, 'args.yaml'
+    summary_file = run_dir / 'summary.csv'
+    summary = _read_summary(summary_file) if summary_file.is_file() else []
+    if not summary:
+        _logger.warning('No summary.csv beside %s: the model card will have no metrics.', checkpoint_path)
+    return RunRecord(
+        checkpoint=Path(checkpoint_path),
+        arch=checkpoint['arch'],
+        num_classes=checkpoint['num_classes'],
+        in_chans=checkpoint['in_chans'],
+        img_size=checkpoint.get('img_size'),
+        epoch=checkpoint.get('epoch'),
+        gpd=checkpoint.get('gpd'),
+        args=args,
+        args_source=args_source,
+        summary=summary,
+        ema=ema,
+        env=dict(checkpoint.get('env') or {}),
+    )
+
+
+def epoch_metrics(run: RunRecord) -> Dict[str, Any]:
+    """eval_* columns of the summary row for the checkpoint's epoch (empty if not logged)."""
+    rows = [r for r in run.summary if r.get('epoch') == run.epoch]
+    if not rows:
+        if run.summary:
+            _logger.warning('summary.csv has no row for epoch %s of %s.', run.epoch, run.checkpoint)
+        return {}
+    return {k: v for k, v in rows[-1].items() if k.startswith('eval_')}
+
+
+def headline_metrics(run: RunRecord) -> Dict[str, float]:
+    """Top-1/top-5 of the published weights: train.py logs the EMA student as eval_ema_*."""
+    metrics = epoch_metrics(run)
+    prefix = 'eval_ema_' if run.ema and 'eval_ema_top1' in metrics else 'eval_'
+    named = {'Top-1 accuracy': metrics.get(f'{prefix}top1'), 'Top-5 accuracy': metrics.get(f'{prefix}top5')}
+    return {k: v for k, v in named.items() if isinstance(v, (int, float))}
+
+
+def wall_time(run: RunRecord) -> Optional[str]:
+    """Training time up to the checkpoint's epoch, from summary.csv's epoch_time (seconds)."""
+    times = [r['epoch_time'] for r in run.summary
+             if isinstance(r.get('epoch_time'), (int, float)) and (run.epoch is None or r.get('epoch', 0) <= run.epoch)]
+    if not times:
+        return None
+    total = sum(times)
+    hours, rest = divmod(int(round(total)), 3600)
+    return f'{hours}h {rest // 60:02d}m {rest % 60:02d}s ({total:.1f} s over {len(times)} epochs)'
+
+
+def _teacher(run: RunRecord) -> Optional[str]:
+    return run.args.get('teacher') or None
+
+
+def _method(run: RunRecord) -> str:
+    if run.gpd is None:
+        return 'knowledge distillation' if _teacher(run) else 'plain training'
+    if run.gpd.get('cbr_only'):
+        return 'CBR only (multi-branch re-parameterization, no dynamic teacher)'
+    return f'GPD, dynamic teacher ratio {run.gpd.get("ratio")}'
+
+
+def card_metadata(run: RunRecord, repo_id: str, license: str) -> Dict[str, Any]:
+    """YAML front matter: the Hub's model card metadata, including model-index results."""
+    tags = ['image-classification', 'timm', 'timm-gpd']
+    if run.gpd is not None or _teacher(run):
+        tags += ['knowledge-distillation']
+    if run.gpd is not None:
+        tags += ['gap-preserving-distillation']
+    meta = dict(library_name='timm', license=license, pipeline_tag='image-classification', tags=tags)
+    dataset_id = _HF_DATASET_IDS.get((run.dataset or '').lower(), run.dataset)
+    split = run.args.get('val_split') or 'validation'
+    if (run.dataset or '').lower() in _HF_DATASET_IDS:
+        # torchvision's non-train split of these datasets is what their Hub copies call 'test'
+        split = 'train' if split in ('train', 'training') else 'test'
+    if dataset_id:
+        meta['datasets'] = [dataset_id]
+    results = headline_metrics(run)
+    if results:
+        meta['metrics'] = ['accuracy']
+        meta['model-index'] = [dict(
+            name=repo_id.split('/')[-1],
+            results=[dict(
+                task=dict(type='image-classification', name='Image Classification'),
+                dataset=dict(name=dataset_id or 'unknown', type=dataset_id or 'unknown', split=split),
+                metrics=[dict(type='accuracy', name=name, value=value) for name, value in results.items()],
+            )],
+        )]
+    return meta
+
+
+def _details(run: RunRecord, student_info: Dict[str, Any]) -> List[Tuple[str, Any]]:
+    gpd = run.gpd or {}
+    rows = [
+        ('Architecture', f'`{run.arch}` (stock timm model; loading needs no timm-gpd)'),
+        ('Method', _method(run)),
+        ('Static teacher', f'`{_teacher(run)}`' if _teacher(run) else 'none'),
+        ('Dynamic teacher ratio', gpd.get('ratio', 'n/a')),
+        ('Channel-branch reparameterization', f'{gpd.get("cbr")} (init: {gpd.get("cbr_init")})' if gpd else 'n/a'),
+        ('Dataset', run.dataset or 'not recorded'),
+        ('Classes', run.num_classes),
+        ('Input', f'{run.in_chans} channel(s), {student_info.get("input_size", run.img_size)}'),
+        ('Params (M)', student_info.get('params_m')),
+        ('Epochs trained', run.epoch + 1 if isinstance(run.epoch, int) else 'not recorded'),
+        ('Seed', run.args.get('seed', 'not recorded')),
+        ('Dynamic teacher seed', gpd.get('seed', 'n/a')),
+        ('Wall time', wall_time(run) or 'not recorded'),
+        ('Hardware', run.env.get('hardware') or 'not recorded'),
+        ('Weights', 'EMA of the student' if run.ema else 'the student (no EMA)'),
+    ]
+    return [(k, v) for k, v in rows if v is not None]
+
+
+def _cell(value: Any) -> str:
+    return f'{value:.4g}' if isinstance(value, float) else str(value)
+
+
+def _summary_table(summary: List[Dict[str, Any]]) -> str:
+    if not summary:
+        return 'No summary.csv was found beside the checkpoint.\n'
+    cols = list(summary[0].keys())
+    lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+    lines += ['| ' + ' | '.join(_cell(r.get(c, '')) for c in cols) + ' |' for r in summary]
+    return '\n'.join(lines) + '\n'
+
+
+def render_card(run: RunRecord, repo_id: str, license: str, student_info: Optional[Dict[str, Any]] = None) -> str:
+    """The full README.md: YAML front matter, details, usage, exact args, per-epoch summary, citation."""
+    student_info = student_info or {}
+    name = repo_id.split('/')[-1]
+    metrics = epoch_metrics(run)
+    front = yaml.safe_dump(card_metadata(run, repo_id, license), sort_keys=False, allow_unicode=True)
+    details = '\n'.join(f'- **{k}:** {v}' for k, v in _details(run, student_info))
+    results = '\n'.join(f'- {k}: {v}' for k, v in metrics.items()) or '- not logged'
+    args_yaml = yaml.safe_dump(run.args, sort_keys=True, allow_unicode=True).rstrip()
+    return f"""---
+{front}---
+# Model card for {name}
+
+A `{run.arch}` image classifier trained with timm-gpd ({_method(run)}) and exported as a plain timm
+model: the dynamic teacher and the multi-branch convolutions are merged away.
+
+## Model Details
+{details}
+
+## Results (epoch {run.epoch}, from summary.csv)
+{results}
+
+## Model Usage
+```python
+import timm, torch
+
+model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
+data_config = timm.data.resolve_model_data_config(model)
+transform = timm.data.create_transform(**data_config, is_training=False)
+# logits = model(transform(img).unsqueeze(0))
+```
+
+## Training arguments
+Exact arguments of the run (from `{run.args_source}`):
+```yaml
+{args_yaml}
+```
+
+## Training log (summary.csv)
+{_summary_table(run.summary)}
+## Citation
+```bibtex
+{_CITATION}
+```
+"""
+
+
+def parse_front_matter(text: str) -> Tuple[Dict[str, Any], str]:
+    """Split a model card into its YAML metadata and Markdown body."""
+    if not text.startswith('---\n'):
+        raise ValueError('Model card has no YAML front matter (must start with a --- line).')
+    end = text.find('\n---\n', 4)
+    if end < 0:
+        raise ValueError('Model card front matter is not closed by a --- line.')
+    return yaml.safe_load(text[4:end]) or {}, text[end + 5:]
