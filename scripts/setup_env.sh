@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first and pinned: a bare 'torch' requirement could pull a different build
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -e '.[dev,bench]'

@@ -1,0 +1,295 @@
+"""What does a GPD step cost against plain training and KD, and against its own floor?
+
+For each student/teacher pair, times in one process, interleaved, median of repeats:
+
+  plain        student step (CE)
+  kd           student step with a static teacher (DKD)
+  gpd          GPD step: static teacher, DT + CBR, shared student, one backward
+  gpd_nocbr    the same without CBR
+  parts        teacher forward | plain wide DT fwd+bwd | student fwd+bwd | optimizer step
+               (the DT here is ``inverse_reparameterize`` output: stock modules, no CBR)
+
+floor = teacher forward + DT fwd+bwd + student fwd+bwd. Targets: gpd_nocbr <= 1.10 x floor,
+gpd <= 1.25 x floor, peak memory of a GPD step <= 1.2 x the floor's parts held together.
+Peak memory is CUDA max allocated on a GPU, the peak RSS rise over the step on CPU (sampled).
+Also: inference of the extracted student vs the stock timm model (should be ~1.00).
+
+    python benchmarks/step_cost.py --img-size 64 --batch-size 16 --repeats 5
+    python benchmarks/step_cost.py --device cuda --img-size 224 --batch-size 64 --channels-last --amp
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from contextlib import nullcontext
+
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm_gpd  # noqa: E402
+from timm_gpd.losses import DynamicTeacherKD, kd_loss_from_name  # noqa: E402
+from timm_gpd.task import TrainTask  # noqa: E402
+
+DEFAULT_PAIRS = ('resnet18:resnet34', 'mobilenetv2_100:resnet50')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--pairs', nargs='+', default=list(DEFAULT_PAIRS), help='STUDENT:TEACHER timm names')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--img-size', type=int, default=None, help='default 224 on GPU, 64 on CPU')
+    p.add_argument('--batch-size', type=int, default=None, help='default 64 on GPU, 16 on CPU')
+    p.add_argument('--num-classes', type=int, default=1000)
+    p.add_argument('--gpd-ratio', type=float, default=2.0)
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast')
+    p.add_argument('--compile', action='store_true', help='torch.compile every model')
+    p.add_argument('--results-file', default=None, help='write the measurements as JSON')
+    args = p.parse_args(argv)
+    gpu = args.device.startswith('cuda')
+    args.img_size = args.img_size or (224 if gpu else 64)
+    args.batch_size = args.batch_size or (64 if gpu else 16)
+    return args
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory rise during a block: CUDA max allocated, or sampled RSS on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = self._rss()
+            self._top = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._top = max(self._top, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._top, self._rss()) - self._base
+
+
+def build(pair: str, args, device):
+    student_name, teacher_name = pair.split(':')
+    kw = dict(num_classes=args.num_classes)
+    torch.manual_seed(0)
+    student = timm.create_model(student_name, **kw)
+    teacher = timm.create_model(teacher_name, **kw).eval().requires_grad_(False)
+    models = {
+        'student': student,
+        'kd_student': copy.deepcopy(student),
+        'teacher': teacher,
+        'gpd': timm_gpd.GPDModel(student, ratio=args.gpd_ratio, check=False),
+        'gpd_nocbr': timm_gpd.GPDModel(student, ratio=args.gpd_ratio, cbr=False, check=False),
+        'wide': timm_gpd.inverse_reparameterize(student, ratio=args.gpd_ratio, check=False),
+    }
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    for m in models.values():
+        m.to(device=device, memory_format=fmt)
+    return models
+
+
+def make_steps(models, args, device):
+    """name -> zero-arg callable doing one timed unit of work."""
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device, memory_format=fmt)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
+    maybe_compile = torch.compile if args.compile else (lambda m: m)
+    teacher = maybe_compile(models['teacher'])
+    ce = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    kd = kd_loss_from_name('dkd', alpha=1.0, beta=0.5)
+
+    def sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)
+
+    class _AutocastAccelerator:
+        # TrainTask only needs autocast / backward / clip / unwrap from an accelerator
+        def autocast(self):
+            return autocast()
+
+        def backward(self, loss):
+            loss.backward()
+
+        def clip_grad_norm_(self, params, max_norm):
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+        def unwrap_model(self, m):
+            return m
+
+    acc = _AutocastAccelerator()
+    tasks = {
+        'plain': TrainTask(maybe_compile(models['student']), sgd(models['student']), ce, acc),
+        'kd': TrainTask(maybe_compile(models['kd_student']), sgd(models['kd_student']), ce, acc,
+                        static_teacher=teacher, kd_loss=kd),
+        'gpd': TrainTask(maybe_compile(models['gpd']), sgd(models['gpd']), ce, acc, dynamic_teacher=True,
+                         static_teacher=teacher, kd_loss=kd, dt_loss=DynamicTeacherKD(), clip_grad=5.0),
+        'gpd_nocbr': TrainTask(maybe_compile(models['gpd_nocbr']), sgd(models['gpd_nocbr']), ce, acc,
+                               dynamic_teacher=True, static_teacher=teacher, kd_loss=kd,
+                               dt_loss=DynamicTeacherKD(), clip_grad=5.0),
+    }
+    wide, student = maybe_compile(models['wide'].train()), maybe_compile(models['student'])
+    gpd_opt = tasks['gpd'].optimizer
+
+    def fwd_bwd(model):
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            loss = ce(model(x), y)
+        loss.backward()
+
+    def teacher_forward():
+        with torch.no_grad(), autocast():
+            teacher(x)
+
+    steps = {name: (lambda t=t: t.step(x, y)) for name, t in tasks.items()}
+    steps.update({
+        'teacher_fwd': teacher_forward,
+        'dt_fwd_bwd': lambda: fwd_bwd(wide),
+        'student_fwd_bwd': lambda: fwd_bwd(student),
+        'optimizer': gpd_opt.step,  # grads are left in place by the last gpd step
+    })
+
+    def floor_held_together():
+        # the floor's three parts with every activation alive at once: the memory reference
+        wide.zero_grad(set_to_none=True)
+        student.zero_grad(set_to_none=True)
+        with autocast():
+            with torch.no_grad():
+                teacher(x)
+            loss = ce(wide(x), y) + ce(student(x), y)
+        loss.backward()
+
+    return steps, floor_held_together, x
+
+
+def time_steps(steps, args, device):
+    for _ in range(args.warmup):
+        for fn in steps.values():
+            fn()
+    _sync(device)
+    times = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, fn in steps.items():  # interleaved: drifts in clock or load hit every step alike
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def inference_parity(models, x, args, device):
+    gpd = models['gpd']
+    extracted = gpd.extract_student().to(device)
+    stock = timm.create_model(gpd.student_arch, num_classes=args.num_classes).to(device).eval()
+    stock.load_state_dict(extracted.state_dict(), strict=True)
+    fns = {}
+    for name, m in (('extracted', extracted), ('stock', stock)):
+        def run(m=m):
+            with torch.no_grad():
+                m(x)
+        fns[name] = run
+    t = time_steps(fns, args, device)
+    return t['extracted'] / t['stock']
+
+
+def measure_pair(pair, args):
+    device = torch.device(args.device)
+    models = build(pair, args, device)
+    steps, floor_held_together, x = make_steps(models, args, device)
+    t = time_steps(steps, args, device)
+    floor = t['teacher_fwd'] + t['dt_fwd_bwd'] + t['student_fwd_bwd']
+    parts = floor + t['optimizer']
+    mem = {}
+    for name, fn in (('floor_held_together', floor_held_together), ('gpd', steps['gpd']),
+                     ('gpd_nocbr', steps['gpd_nocbr']), ('kd', steps['kd'])):
+        with PeakMemory(device) as pm:
+            fn()
+        mem[name] = pm.peak
+    return {
+        'pair': pair, 'times_s': t,
+        'gpd/kd': t['gpd'] / t['kd'],
+        'gpd/parts': t['gpd'] / parts,
+        'gpd_nocbr/floor': t['gpd_nocbr'] / floor,
+        'gpd/floor': t['gpd'] / floor,
+        'peak_bytes': mem,
+        'mem gpd/floor': mem['gpd'] / max(mem['floor_held_together'], 1),
+        'mem gpd_nocbr/floor': mem['gpd_nocbr'] / max(mem['floor_held_together'], 1),
+        'extracted/stock inference': inference_parity(models, x, args, device),
+    }
+
+
+def describe_device(device: str) -> str:
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        model = 'unknown CPU'
+    return f'{model}, {torch.get_num_threads()} threads'
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    header = (f'device: {describe_device(args.device)} | torch {torch.__version__} | img {args.img_size} '
+              f'batch {args.batch_size} ratio {args.gpd_ratio} | channels_last={args.channels_last} '
+              f'amp={args.amp} compile={args.compile} | {time.strftime("%Y-%m-%d")}')
+    print(header)
+    results = []
+    for pair in args.pairs:
+        r = measure_pair(pair, args)
+        results.append(r)
+        t = r['times_s']
+        print(f'\n{pair}: median of {args.repeats} (ms)')
+        print('  ' + '  '.join(f'{k}={v * 1e3:.1f}' for k, v in t.items()))
+        for key in ('gpd/kd', 'gpd/parts', 'gpd_nocbr/floor', 'gpd/floor', 'mem gpd/floor',
+                    'mem gpd_nocbr/floor', 'extracted/stock inference'):
+            target = {'gpd_nocbr/floor': ' (target <= 1.10)', 'gpd/floor': ' (target <= 1.25)',
+                      'mem gpd/floor': ' (target <= 1.20)'}.get(key, '')
+            print(f'  {key:28s} {r[key]:.3f}{target}')
+        print('  peak MiB: ' + '  '.join(f'{k}={v / 2**20:.0f}' for k, v in r['peak_bytes'].items()))
+    if args.results_file:
+        with open(args.results_file, 'w') as f:
+            json.dump({'header': header, 'args': vars(args), 'results': results}, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
