@@ -1,0 +1,816 @@
+#!/usr/bin/env python3
+""" timm-gpd training script
+
+Trains a timm classifier plainly, with knowledge distillation from a static
+teacher, or with Gap Preserving Distillation (GPD: a dynamic teacher widened from
+the student and trained alongside it). Argument names follow timm's train.py;
+Accelerate places the work on CPU / GPU / several processes:
+
+    python train.py --data-dir data --dataset torch/fashion_mnist --model resnet18 --gpd
+    accelerate launch --multi_gpu --num_processes 4 train.py -c configs/gpd_resnet18_imagenet.yaml --data-dir ...
+
+Outputs (see docs/CONTRACTS.md) go to `--output/EXPERIMENT/`: args.yaml, summary.csv,
+last.pth, model_best.pth and, at the end, the extracted student as
+student.safetensors + config.json (timm Hub layout).
+"""
+import argparse
+import csv
+import logging
+import os
+import pickle
+import random
+import sys
+import time
+import zipfile
+from copy import deepcopy
+from datetime import datetime
+from typing import Dict, List, Optional
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import gather_object, set_seed
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import timm
+from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.models import load_checkpoint, safe_model_name
+from timm.models._hub import save_config_for_hf
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, distribute_bn, get_outdir
+
+from timm_gpd.losses import DynamicTeacherKD, kd_loss_from_name
+from timm_gpd.task import TrainTask
+
+_logger = logging.getLogger('train')
+
+CHECKPOINT_FORMAT = 'timm-gpd-checkpoint'
+CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = ('format', 'version', 'epoch', 'arch', 'args', 'state_dict', 'optimizer', 'scheduler', 'rng',
+                   'metric', 'num_classes', 'in_chans', 'img_size')
+
+LOSS_PARTS = ('student_ce', 'student_kd', 'student_dt', 'dt_ce', 'dt_kd')
+SUMMARY_COLUMNS = (
+    'epoch', 'lr', 'train_loss', *(f'train_{p}' for p in LOSS_PARTS),
+    'eval_loss', 'eval_top1', 'eval_top5', 'eval_dt_top1', 'eval_dt_top5', 'eval_ema_top1', 'eval_ema_top5',
+    'eval_gap_top1', 'epoch_time',
+)
+# arguments that define the learning-rate schedule: a resumed run keeps the saved
+# scheduler state only if none of them changed
+SCHEDULE_ARGS = ('sched', 'epochs', 'lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'cooldown_epochs',
+                 'decay_epochs', 'decay_milestones', 'decay_rate', 'patience_epochs', 'sched_on_updates')
+
+
+class UsageError(Exception):
+    """ A problem with the arguments or input files, reported without a traceback. """
+
+
+# The first parser only finds the config file; its values become defaults of the main parser.
+config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
+config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                           help='YAML config file specifying default arguments')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # built per call: set_defaults() from a config file must not leak into the next parse
+    parser = argparse.ArgumentParser(description='timm-gpd training', parents=[config_parser])
+
+    group = parser.add_argument_group('Dataset parameters')
+    group.add_argument('data', nargs='?', metavar='DIR', const=None,
+                       help='path to dataset (positional is *deprecated*, use --data-dir)')
+    group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+    group.add_argument('--dataset', metavar='NAME', default='',
+                       help='dataset type + name ("<type>/<name>"), e.g. torch/fashion_mnist; empty = image folder')
+    group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split')
+    group.add_argument('--val-split', metavar='NAME', default='validation', help='dataset validation split')
+    group.add_argument('--dataset-download', action='store_true', default=False,
+                       help='allow download of dataset for torch/ and tfds/ datasets that support it')
+    group.add_argument('--train-limit', type=int, default=None, metavar='N', help='train on the first N images only')
+    group.add_argument('--val-limit', type=int, default=None, metavar='N', help='validate on the first N images only')
+
+    group = parser.add_argument_group('Model parameters')
+    group.add_argument('--model', default='resnet18', type=str, metavar='MODEL',
+                       help='name of the (stock timm) student model')
+    group.add_argument('--pretrained', action='store_true', default=False,
+                       help='start the student from pretrained weights')
+    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                       help='load this stock-student checkpoint before training (fine-tune)')
+    group.add_argument('--resume', default='', type=str, metavar='PATH',
+                       help='resume training from a timm-gpd checkpoint')
+    group.add_argument('--no-resume-opt', action='store_true', default=False,
+                       help='do not restore the optimizer state when resuming')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N',
+                       help='number of label classes (default: from the dataset)')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N',
+                       help='image input channels; 1 for grayscale (default: 3, grayscale images are repeated)')
+    group.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (default: model default)')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                       help='input all image dimensions (d h w, e.g. --input-size 3 224 224)')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='N',
+                       help='input image center crop percent (eval)')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override mean pixel value')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override std deviation')
+    group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='image resize interpolation type')
+    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='input batch size per process')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                       help='validation batch size (default: --batch-size)')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
+
+    group = parser.add_argument_group('Static teacher / KD parameters')
+    group.add_argument('--teacher', default='', type=str, metavar='MODEL', help='static teacher timm model name')
+    group.add_argument('--teacher-checkpoint', default='', type=str, metavar='PATH',
+                       help='static teacher weights (default: the pretrained weights of --teacher)')
+    group.add_argument('--kd-loss', default='dkd', choices=('kd', 'dkd'), help='static-teacher distillation loss')
+    group.add_argument('--kd-alpha', type=float, default=1.0,
+                       help='weight of KD (kd) or of its target-class part (dkd)')
+    group.add_argument('--kd-beta', type=float, default=0.5, help='weight of the non-target-class part (dkd)')
+    group.add_argument('--kd-temperature', type=float, default=1.0,
+                       help='distillation temperature (KD, DKD and DT term)')
+
+    group = parser.add_argument_group('GPD parameters')
+    group.add_argument('--gpd', action='store_true', default=False,
+                       help='train with a dynamic teacher (Gap Preserving Distillation)')
+    group.add_argument('--gpd-ratio', type=float, default=2.0, help='width ratio of the dynamic teacher')
+    group.add_argument('--no-gpd-cbr', action='store_true', default=False,
+                       help='no channel-branch reparameterization of the student convs')
+    group.add_argument('--gpd-cbr-only', action='store_true', default=False,
+                       help='CBR student without a dynamic teacher (ablation)')
+    group.add_argument('--gpd-noise', type=float, default=0.01, help='function-preserving symmetry-breaking noise')
+    group.add_argument('--gpd-seed', type=int, default=0, help='seed of the symmetry-breaking noise')
+    group.add_argument('--gpd-dt-weight', type=float, default=3.0, help='weight of the DT -> student term')
+
+    group = parser.add_argument_group('Optimizer parameters')
+    group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='optimizer (timm name)')
+    group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='optimizer momentum')
+    group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay')
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
+                       help='clip gradient norm (default: 5 with --gpd, else none)')
+
+    group = parser.add_argument_group('Learning rate schedule parameters')
+    group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler')
+    group.add_argument('--sched-on-updates', action='store_true', default=False, help='step the schedule per update')
+    group.add_argument('--lr', type=float, default=None, metavar='LR',
+                       help='learning rate (default: --lr-base scaled by global batch size)')
+    group.add_argument('--lr-base', type=float, default=0.1, metavar='LR', help='base learning rate at --lr-base-size')
+    group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='batch size of --lr-base')
+    group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate')
+    group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower lr bound for cyclic schedulers')
+    group.add_argument('--epochs', type=int, default=100, metavar='N', help='number of epochs to train')
+    group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
+                       help='epochs for the multistep scheduler')
+    group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
+    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='epochs to warmup LR')
+    group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs to cooldown LR at min_lr')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='patience epochs for Plateau')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate')
+
+    group = parser.add_argument_group('Augmentation and regularization parameters')
+    group.add_argument('--no-aug', action='store_true', default=False, help='disable all training augmentation')
+    group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT', help='random resize scale')
+    group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
+                       help='random resize aspect ratio')
+    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip training aug probability')
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter factor')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+
+    group = parser.add_argument_group('Model exponential moving average parameters')
+    group.add_argument('--model-ema', action='store_true', default=False, help='track an EMA of the model weights')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='decay factor for model weights EMA')
+    group.add_argument('--model-ema-warmup', action='store_true', default=False,
+                       help='enable warmup for model EMA decay')
+
+    group = parser.add_argument_group('Miscellaneous parameters')
+    group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed')
+    group.add_argument('--log-interval', type=int, default=50, metavar='N', help='batches between log lines')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes per process')
+    group.add_argument('--amp', action='store_true', default=False,
+                       help='mixed precision: bfloat16 on CPU, --amp-dtype on GPU')
+    group.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='AMP dtype on GPU')
+    group.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in the DataLoader')
+    group.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output)')
+    group.add_argument('--experiment', default='', type=str, metavar='NAME',
+                       help='experiment name (default: date-time-model; with --resume: the checkpoint folder)')
+    group.add_argument('--dist-bn', type=str, default='reduce', choices=('reduce', 'broadcast', ''),
+                       help='before eval, average ("reduce") or copy from rank 0 ("broadcast") BatchNorm stats')
+    group.add_argument('--eval-metric', default='top1',
+                       choices=('top1', 'top5', 'loss', 'dt_top1', 'dt_top5', 'gap_top1'),
+                       help='metric that picks model_best.pth (of the EMA student with --model-ema)')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args_config, remaining = config_parser.parse_known_args(argv)
+    if args_config.config:
+        with open(args_config.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            parser.error(f'unknown key(s) in {args_config.config}: {", ".join(unknown)}')
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(remaining)
+    args.config = args_config.config
+    args.data_dir = args.data_dir or args.data
+    if args.input_size is not None:
+        if args.in_chans is not None and args.in_chans != args.input_size[0]:
+            parser.error(f'--in-chans {args.in_chans} disagrees with --input-size {args.input_size}')
+        args.in_chans = args.input_size[0]
+    if args.clip_grad is None and args.gpd:
+        args.clip_grad = 5.0
+    if args.gpd_cbr_only and not args.gpd:
+        parser.error('--gpd-cbr-only needs --gpd')
+    if args.teacher_checkpoint and not args.teacher:
+        parser.error('--teacher-checkpoint needs --teacher MODEL')
+    if args.pretrained and args.initial_checkpoint:
+        parser.error('use either --pretrained or --initial-checkpoint, not both')
+    return args
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def read_checkpoint(path: str, what: str = 'checkpoint') -> dict:
+    """ torch.load with weights_only=True and errors that say what is wrong with the file. """
+    if not os.path.isfile(path):
+        raise UsageError(f'{what} {path} does not exist')
+    not_torch = f'{what} {path} is truncated or not a PyTorch file'
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; this is something else
+            raise UsageError(not_torch) from e
+        lines = str(e).splitlines()
+        reason = next((line.strip() for line in lines if 'Unsupported global' in line), lines[0])
+        raise UsageError(f'{what} {path} holds objects that weights_only=True refuses to load ({reason})') from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise UsageError(f'{not_torch} ({str(e).splitlines()[0]})') from e
+
+
+def read_training_checkpoint(path: str) -> dict:
+    ckpt = read_checkpoint(path, 'resume checkpoint')
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
+        raise UsageError(
+            f'{path} is not a timm-gpd training checkpoint (no format={CHECKPOINT_FORMAT!r}); '
+            'to start from plain weights use --initial-checkpoint')
+    if ckpt.get('version') != CHECKPOINT_VERSION:
+        raise UsageError(
+            f'{path} has checkpoint version {ckpt.get("version")}, this train.py reads {CHECKPOINT_VERSION}')
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise UsageError(f'{path} lacks checkpoint keys: {", ".join(missing)}')
+    return ckpt
+
+
+def save_atomic(obj, path: str):
+    # a reader (or a resume after a kill) sees the old file or the new one, never half of one
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def get_rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        'python': random.getstate(),
+        # plain lists: numpy arrays are not allowed by weights_only loading
+        'numpy': [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state['python'])
+    name, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ---------------------------------------------------------------- data
+
+class ConvertImageMode:
+    """ PIL mode conversion ahead of timm's transforms: 'L' for --in-chans 1, else 'RGB'
+    (which repeats a grayscale channel). """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, img):
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self):
+        return f'{self.__class__.__name__}(mode={self.mode})'
+
+
+def class_names(dataset) -> Optional[List[str]]:
+    names = getattr(dataset, 'classes', None)  # torchvision datasets
+    if names is None:
+        class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)  # timm folder datasets
+        if class_to_idx:
+            names = sorted(class_to_idx, key=class_to_idx.get)
+    return [str(n) for n in names] if names else None
+
+
+def build_datasets(args):
+    if not args.data_dir and not args.dataset_download:
+        raise UsageError('no dataset root: pass --data-dir DIR')
+    common = dict(root=args.data_dir, download=args.dataset_download, batch_size=args.batch_size)
+    try:
+        train_ds = create_dataset(args.dataset, split=args.train_split, is_training=True, **common)
+        val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, **common)
+    except (RuntimeError, FileNotFoundError) as e:
+        hint = ' (for Fashion-MNIST run scripts/get_fashion_mnist.sh DIR first)' if 'mnist' in args.dataset else ''
+        raise UsageError(f'cannot open dataset {args.dataset or "folder"!r} in {args.data_dir}: {e}{hint}') from e
+    return train_ds, val_ds
+
+
+def set_transform(dataset, transform, limit: Optional[int]):
+    dataset.transform = transform
+    if limit is not None:
+        if limit < 1:
+            raise UsageError(f'subset limits must be >= 1, got {limit}')
+        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+    return dataset
+
+
+def resolve_data(args, model: nn.Module) -> dict:
+    data_config = resolve_data_config(vars(args), model=model)
+    in_chans = data_config['input_size'][0]
+    for key in ('mean', 'std'):
+        if len(data_config[key]) != in_chans:
+            # e.g. ImageNet RGB statistics for a grayscale model: the channel average
+            # matches timm's summing of pretrained RGB stem weights into one channel
+            data_config[key] = (float(np.mean(data_config[key])),) * in_chans
+    return data_config
+
+
+# ---------------------------------------------------------------- models
+
+def load_student_weights(student: nn.Module, path: str):
+    """ --initial-checkpoint: stock student weights (timm/our checkpoint, state dict or safetensors). """
+    if not path.endswith('.safetensors'):
+        ckpt = read_checkpoint(path, 'initial checkpoint')
+        if isinstance(ckpt, dict) and ckpt.get('gpd'):
+            raise UsageError(
+                f'{path} is a GPD training checkpoint; start a fine-tune from the stock student it '
+                'produced (student.safetensors in the same folder)')
+    try:
+        load_checkpoint(student, path, use_ema=True, strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise UsageError(f'initial checkpoint {path} does not fit {type(student).__name__} '
+                         f'({str(e).splitlines()[0]})') from e
+
+
+def classifier_out_features(state_dict: dict, model: nn.Module) -> Optional[int]:
+    head = model.pretrained_cfg.get('classifier')
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    for h in heads:
+        w = state_dict.get(f'{h}.weight')
+        if w is not None:
+            return w.shape[0]
+    return None
+
+
+def create_static_teacher(args, num_classes: int, in_chans: int) -> nn.Module:
+    if not args.teacher_checkpoint:
+        # pretrained weights with their own head: only useful when the label sets agree
+        teacher = timm.create_model(args.teacher, pretrained=True, in_chans=in_chans)
+        if teacher.num_classes != num_classes:
+            raise UsageError(
+                f'teacher {args.teacher} (pretrained) has {teacher.num_classes} classes but the student has '
+                f'{num_classes}; pass --teacher-checkpoint trained on this dataset')
+        return teacher
+
+    teacher = timm.create_model(args.teacher, num_classes=num_classes, in_chans=in_chans)
+    if args.teacher_checkpoint.endswith('.safetensors'):
+        state_dict = safetensors.torch.load_file(args.teacher_checkpoint)
+    else:
+        ckpt = read_checkpoint(args.teacher_checkpoint, 'teacher checkpoint')
+        if isinstance(ckpt, dict) and ckpt.get('gpd'):
+            raise UsageError(
+                f'teacher checkpoint {args.teacher_checkpoint} is a GPD model; use its student.safetensors')
+        state_dict = ckpt
+        if isinstance(ckpt, dict):
+            state_dict = ckpt.get('state_dict_ema') or ckpt.get('state_dict') or ckpt
+    teacher_classes = classifier_out_features(state_dict, teacher)
+    if teacher_classes is not None and teacher_classes != num_classes:
+        raise UsageError(
+            f'teacher checkpoint {args.teacher_checkpoint} has {teacher_classes} classes but the student has '
+            f'{num_classes}: a static teacher must predict the same classes')
+    try:
+        teacher.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise UsageError(f'teacher checkpoint {args.teacher_checkpoint} does not fit {args.teacher} '
+                         f'(in_chans={in_chans}): {str(e).splitlines()[0]}') from e
+    return teacher
+
+
+def gpd_kwargs(args) -> dict:
+    finetune = args.pretrained or bool(args.initial_checkpoint)
+    return dict(
+        ratio=args.gpd_ratio,
+        cbr=not args.no_gpd_cbr,
+        cbr_only=args.gpd_cbr_only,
+        cbr_init='finetune' if finetune else 'scratch',
+        noise=args.gpd_noise,
+        seed=args.gpd_seed,
+    )
+
+
+def create_student(args, num_classes: int, resuming: bool) -> nn.Module:
+    """ The stock timm student; with --pretrained / --initial-checkpoint its starting weights. """
+    extra = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
+    student = timm.create_model(
+        args.model,
+        pretrained=args.pretrained and not resuming,  # a resumed run takes every weight from the checkpoint
+        num_classes=num_classes,
+        in_chans=args.in_chans or 3,
+        drop_rate=args.drop,
+        **extra,
+    )
+    if args.initial_checkpoint and not resuming:
+        load_student_weights(student, args.initial_checkpoint)
+    return student
+
+
+def wrap_gpd(student: nn.Module, args) -> nn.Module:
+    import timm_gpd  # the core is only needed for GPD runs
+    return timm_gpd.GPDModel(student, **gpd_kwargs(args))
+
+
+def check_resume_compatible(args, ckpt: dict, num_classes: int):
+    problems = []
+    if ckpt['arch'] != args.model:
+        problems.append(f"it trains {ckpt['arch']}, not --model {args.model}")
+    if bool(ckpt.get('gpd')) != args.gpd:
+        problems.append('it was trained ' + ('with' if ckpt.get('gpd') else 'without') + ' --gpd')
+    elif args.gpd:
+        saved, now = ckpt['gpd'], gpd_kwargs(args)
+        # cbr_init only decides the initial weights, which the checkpoint replaces
+        diff = [f'{k}: {saved.get(k)} -> {v}' for k, v in now.items() if k != 'cbr_init' and saved.get(k) != v]
+        if diff:
+            problems.append('its GPD settings differ (' + ', '.join(diff) + ')')
+    if ckpt['num_classes'] != num_classes:
+        problems.append(f"it has {ckpt['num_classes']} classes, not {num_classes}")
+    if ckpt['in_chans'] != (args.in_chans or 3):
+        problems.append(f"it takes {ckpt['in_chans']} input channels, not {args.in_chans or 3}")
+    if problems:
+        raise UsageError(f'cannot resume from {args.resume}: ' + '; '.join(problems))
+
+
+# ---------------------------------------------------------------- train / eval
+
+def train_one_epoch(epoch, task: TrainTask, loader, scheduler, accelerator, args) -> Dict[str, float]:
+    sums: Dict[str, torch.Tensor] = {}
+    count = torch.zeros((), device=accelerator.device)
+    num_batches = len(loader)
+    bar = tqdm(loader, desc=f'epoch {epoch}', disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True)
+    for batch_idx, (x, y) in enumerate(bar):
+        parts = task.step(x, y)
+        for k, v in parts.items():
+            if k != 'grad_norm':
+                sums[k] = sums.get(k, 0.) + v.float() * x.shape[0]
+        count += x.shape[0]
+        if scheduler is not None:
+            scheduler.step_update(num_updates=task.num_updates)
+        if batch_idx % args.log_interval == 0 or batch_idx == num_batches - 1:
+            lr = task.optimizer.param_groups[0]['lr']
+            bar.set_postfix(loss=f"{parts['loss'].item():.4f}", lr=f'{lr:.3g}')
+            _logger.info(
+                f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]  '
+                + '  '.join(f'{k}: {v.item():.4f}' for k, v in parts.items()) + f'  LR: {lr:.3e}')
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[k] for k in keys] + [count]), reduction='sum')
+    return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor):
+    k = min(5, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices
+    hit = top == y[:, None]
+    return hit[:, 0].float(), hit.any(dim=-1).float()
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader, accelerator, dynamic_teacher: bool, ema_model: Optional[nn.Module] = None):
+    """ Top-1/top-5 (%) of the student, the DT and the EMA student over the whole (sharded) loader. """
+    model.eval()
+    if ema_model is not None:
+        ema_model.eval()
+    per_sample: Dict[str, List[torch.Tensor]] = {}
+
+    def add(name, value):
+        per_sample.setdefault(name, []).append(accelerator.gather_for_metrics(value))
+
+    for x, y in loader:
+        with accelerator.autocast():
+            if dynamic_teacher:
+                zs, zd = model(x, mode='both')
+            else:
+                zs, zd = model(x), None
+            ze = ema_model(x) if ema_model is not None else None
+        add('loss', F.cross_entropy(zs.float(), y, reduction='none'))
+        for prefix, logits in (('', zs), ('dt_', zd), ('ema_', ze)):
+            if logits is not None:
+                top1, top5 = _topk_correct(logits, y)
+                add(f'{prefix}top1', top1)
+                add(f'{prefix}top5', top5)
+    metrics = {}
+    for name, values in per_sample.items():
+        mean = torch.cat(values).double().mean().item()  # float64: 838 of 1000 reads 83.8, not 83.79999
+        metrics[name] = mean if name == 'loss' else 100. * mean
+    if 'dt_top1' in metrics:
+        metrics['gap_top1'] = metrics['dt_top1'] - metrics['top1']
+    return metrics
+
+
+def read_summary(path: str, start_epoch: int) -> List[dict]:
+    # rows of epochs that will run again (a kill after the row, before the checkpoint) are dropped
+    if start_epoch == 0 or not os.path.exists(path):
+        return []
+    with open(path, newline='') as f:
+        return [row for row in csv.DictReader(f) if int(row['epoch']) < start_epoch]
+
+
+def write_summary(path: str, rows: List[dict]):
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def export_student(source: nn.Module, gpd: bool, output_dir: str, data_config: dict, label_names):
+    """ Write the plain timm student as student.safetensors + config.json (timm Hub layout). """
+    student = source.extract_student() if gpd else deepcopy(source).eval()
+    # cloned so no two entries share storage, which safetensors refuses
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}
+    safetensors.torch.save_file(tensors, os.path.join(output_dir, 'student.safetensors'))
+    model_config = {'label_names': label_names} if label_names else {}
+    preprocessing = {k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')}
+    save_config_for_hf(student, os.path.join(output_dir, 'config.json'), model_config=model_config,
+                       data_config=preprocessing)
+
+
+# ---------------------------------------------------------------- main
+
+def setup_logging(is_main: bool):
+    # a no-op where the caller (a test, a notebook) already configured logging
+    logging.basicConfig(
+        level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s', datefmt='%H:%M:%S')
+    _logger.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def make_accelerator(args) -> Accelerator:
+    mixed_precision = None  # None: whatever `accelerate launch` / its config chose
+    if args.amp:
+        on_cpu = PartialState().device.type == 'cpu'
+        mixed_precision = 'bf16' if on_cpu or args.amp_dtype == 'bfloat16' else 'fp16'
+    dataloader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed)
+    return Accelerator(mixed_precision=mixed_precision, dataloader_config=dataloader_config)
+
+
+def build_loaders(args, data_config: dict, train_ds, val_ds):
+    # torch DataLoaders over timm transforms; Accelerate shards them across processes
+    mode = 'L' if data_config['input_size'][0] == 1 else 'RGB'
+    train_tf = create_transform(
+        data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, color_jitter=args.color_jitter, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'])
+    eval_tf = create_transform(**data_config, is_training=False)
+    train_tf.transforms.insert(0, ConvertImageMode(mode))
+    eval_tf.transforms.insert(0, ConvertImageMode(mode))
+    train_ds = set_transform(train_ds, train_tf, args.train_limit)
+    val_ds = set_transform(val_ds, eval_tf, args.val_limit)
+    loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem)
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kwargs)
+    val_loader = torch.utils.data.DataLoader(
+        val_ds, batch_size=args.validation_batch_size or args.batch_size, shuffle=False, **loader_kwargs)
+    return train_loader, val_loader
+
+
+def build_task(args, model, optimizer, accelerator, dynamic_teacher: bool, teacher, model_ema) -> TrainTask:
+    kd = None
+    if teacher is not None:
+        kd = kd_loss_from_name(args.kd_loss, alpha=args.kd_alpha, beta=args.kd_beta, temperature=args.kd_temperature)
+    return TrainTask(
+        model, optimizer, nn.CrossEntropyLoss(label_smoothing=args.smoothing),
+        accelerator=accelerator,
+        dynamic_teacher=dynamic_teacher,
+        static_teacher=teacher,
+        kd_loss=kd,
+        dt_loss=DynamicTeacherKD(args.gpd_dt_weight, args.kd_temperature) if dynamic_teacher else None,
+        clip_grad=args.clip_grad,
+        model_ema=model_ema,
+    )
+
+
+def restore_training_state(args, ckpt: dict, model: nn.Module, model_ema, optimizer, scheduler, accelerator):
+    """ Load a resume checkpoint into the freshly built objects; returns (start_epoch, best_metric, rng). """
+    try:
+        model.load_state_dict(ckpt['state_dict'], strict=True)
+        if model_ema is not None:
+            if ckpt.get('state_dict_ema') is None:
+                raise UsageError(f'{args.resume} has no EMA weights to resume --model-ema from')
+            model_ema.module.load_state_dict(ckpt['state_dict_ema'], strict=True)
+    except RuntimeError as e:
+        raise UsageError(f'{args.resume} does not fit the model built from the arguments: '
+                         f'{str(e).splitlines()[0]}') from e
+    if not args.no_resume_opt:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if accelerator.scaler is not None and ckpt.get('scaler') is not None:
+            accelerator.scaler.load_state_dict(ckpt['scaler'])
+    if scheduler is not None:
+        # timm schedulers hold their configuration in their state: a longer --epochs must win
+        if all(ckpt['args'].get(k) == getattr(args, k) for k in SCHEDULE_ARGS):
+            scheduler.load_state_dict(ckpt['scheduler'])
+        else:
+            _logger.info('Schedule arguments changed since the checkpoint: the schedule follows the new arguments')
+    return ckpt['epoch'] + 1, ckpt['metric'], ckpt['rng']
+
+
+def make_output_dir(args) -> str:
+    if args.resume and not args.experiment:
+        return os.path.dirname(os.path.abspath(args.resume))  # continue in the checkpoint's own folder
+    exp_name = args.experiment or '-'.join(
+        [datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), 'gpd' if args.gpd else 'base'])
+    return get_outdir(args.output or './output', exp_name, inc=not args.resume)
+
+
+def checkpoint_state(args, epoch: int, model, optimizer, scheduler, model_ema, accelerator, rng, metric,
+                     data_config: dict) -> dict:
+    """ The training checkpoint of docs/CONTRACTS.md. """
+    _, h, w = data_config['input_size']
+    state = {
+        'format': CHECKPOINT_FORMAT,
+        'version': CHECKPOINT_VERSION,
+        'epoch': epoch,
+        'arch': args.model,
+        'args': vars(args),
+        'state_dict': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scheduler': scheduler.state_dict() if scheduler is not None else None,
+        'rng': rng,
+        'metric': metric,
+        'num_classes': args.num_classes,
+        'in_chans': data_config['input_size'][0],
+        'img_size': h if h == w else [h, w],
+    }
+    if model_ema is not None:
+        state['state_dict_ema'] = model_ema.module.state_dict()
+    if accelerator.scaler is not None:
+        state['scaler'] = accelerator.scaler.state_dict()
+    if args.gpd:
+        state['gpd'] = gpd_kwargs(args)
+    return state
+
+
+def main(argv=None):
+    """ Train; returns the trained (unwrapped) model, handy for scripts and tests. """
+    args = parse_args(argv)
+    accelerator = make_accelerator(args)
+    setup_logging(accelerator.is_main_process)
+    is_main = accelerator.is_main_process
+    set_seed(args.seed)
+
+    ckpt = read_training_checkpoint(args.resume) if args.resume else None
+    train_ds, val_ds = build_datasets(args)
+    label_names = class_names(train_ds)
+    args.num_classes = args.num_classes or (len(label_names) if label_names else None)
+    if args.num_classes is None:
+        raise UsageError('cannot tell the number of classes from the dataset: pass --num-classes')
+    if ckpt is not None:
+        check_resume_compatible(args, ckpt, args.num_classes)
+
+    student = create_student(args, args.num_classes, resuming=ckpt is not None)
+    data_config = resolve_data(args, student)
+    model = wrap_gpd(student, args) if args.gpd else student
+    del student
+    dynamic_teacher = args.gpd and model.has_teacher
+    if args.eval_metric.startswith(('dt_', 'gap_')) and not dynamic_teacher:
+        raise UsageError(f'--eval-metric {args.eval_metric} needs a dynamic teacher (--gpd without --gpd-cbr-only)')
+    train_loader, val_loader = build_loaders(args, data_config, train_ds, val_ds)
+    num_train, num_val = len(train_loader.dataset), len(val_loader.dataset)
+    teacher = None
+    if args.teacher:
+        teacher = create_static_teacher(args, args.num_classes, data_config['input_size'][0]).to(accelerator.device)
+
+    global_batch = args.batch_size * accelerator.num_processes
+    if args.lr is None:
+        args.lr = args.lr_base * global_batch / args.lr_base_size
+        _logger.info(f'Learning rate {args.lr:.4g} from --lr-base {args.lr_base} at global batch {global_batch}')
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    unwrapped = accelerator.unwrap_model(model)
+    if len(train_loader) == 0:
+        raise UsageError(f'no full training batch: {num_train} images for batch size {args.batch_size} '
+                         f'x {accelerator.num_processes} processes')
+    updates_per_epoch = len(train_loader)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(unwrapped, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+
+    start_epoch, best_metric, rng_states = 0, None, None
+    if ckpt is not None:
+        start_epoch, best_metric, rng_states = restore_training_state(
+            args, ckpt, unwrapped, model_ema, optimizer, scheduler, accelerator)
+        del ckpt
+        _logger.info(f'Resumed from {args.resume}: continuing at epoch {start_epoch}')
+        if scheduler is not None:
+            if args.sched_on_updates:
+                scheduler.step_update(start_epoch * updates_per_epoch)
+            else:
+                scheduler.step(start_epoch)
+    task = build_task(args, model, optimizer, accelerator, dynamic_teacher, teacher, model_ema)
+    task.num_updates = start_epoch * updates_per_epoch
+
+    output_dir, rows = None, []
+    if is_main:
+        output_dir = make_output_dir(args)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(vars(args), f, default_flow_style=False)
+        rows = read_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+        _logger.info(f'Output: {output_dir}')
+        _logger.info(f'{args.model}: {"GPD" if args.gpd else "plain"} training, '
+                     f'{"dynamic teacher, " if dynamic_teacher else ""}'
+                     f'{"static teacher " + args.teacher + ", " if teacher is not None else ""}'
+                     f'{accelerator.num_processes} process(es) on {accelerator.device.type}, '
+                     f'{num_train} train / {num_val} val images, {num_epochs} epochs')
+
+    # after every model / loader construction, so the random streams match an uninterrupted run
+    if rng_states is not None and len(rng_states) == accelerator.num_processes:
+        set_rng_state(rng_states[accelerator.process_index])
+    else:
+        if rng_states is not None:
+            _logger.warning('Process count changed since the checkpoint: random streams are reseeded')
+        set_seed(args.seed + 1000 * start_epoch + accelerator.process_index)  # distinct augmentation per process
+
+    ema_module = model_ema.module if model_ema is not None else None
+    metric_key = f'ema_{args.eval_metric}' if model_ema is not None and args.eval_metric in ('top1', 'top5') \
+        else args.eval_metric
+    with logging_redirect_tqdm():
+        for epoch in range(start_epoch, num_epochs):
+            t0 = time.time()
+            train_loader.set_epoch(epoch)
+            train_metrics = train_one_epoch(epoch, task, train_loader, scheduler, accelerator, args)
+            lr = optimizer.param_groups[0]['lr']
+            if accelerator.num_processes > 1 and args.dist_bn:
+                # each process updated its BN statistics on its own batches
+                for m in filter(None, (unwrapped, ema_module)):
+                    distribute_bn(m, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
+            eval_metrics = validate(unwrapped, val_loader, accelerator, dynamic_teacher, ema_module)
+            metric = eval_metrics[metric_key]
+            if scheduler is not None:
+                scheduler.step(epoch + 1, metric)
+            _logger.info(f'Epoch {epoch}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+
+            rng_states = gather_object([get_rng_state()])
+            if is_main:
+                row = {'epoch': epoch, 'lr': lr, 'epoch_time': round(time.time() - t0, 3)}
+                row.update({f'train_{k}': v for k, v in train_metrics.items()})
+                row.update({f'eval_{k}': v for k, v in eval_metrics.items()})
+                rows.append(row)
+                write_summary(os.path.join(output_dir, 'summary.csv'), rows)
+
+                lower_is_better = 'loss' in metric_key
+                is_best = best_metric is None or (metric < best_metric if lower_is_better else metric > best_metric)
+                best_metric = metric if is_best else best_metric
+                state = checkpoint_state(args, epoch, unwrapped, optimizer, scheduler, model_ema, accelerator,
+                                         rng_states, best_metric, data_config)
+                save_atomic(state, os.path.join(output_dir, 'last.pth'))
+                if is_best:
+                    save_atomic(state, os.path.join(output_dir, 'model_best.pth'))
+            accelerator.wait_for_everyone()
+
+    if is_main:
+        export_student(ema_module or unwrapped, args.gpd, output_dir, data_config, label_names)
+        _logger.info(f'Done. Best {metric_key}: {best_metric}. Student written to {output_dir}/student.safetensors')
+    accelerator.wait_for_everyone()
+    return unwrapped
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except UsageError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
