@@ -151,6 +151,14 @@ class GPDModel(nn.Module):
         return (f'student={self.student_arch}, ratio={self.ratio}, cbr={self.cbr}, '
                 f'cbr_init={self.cbr_init!r}, cbr_only={self.cbr_only}')
 
+    def __repr__(self) -> str:
+        if self.teacher is None:
+            return super().__repr__()
+        # layers' extra_repr read their parameters (nn.Linear: `self.bias is not None`), which the
+        # student only has during a forward: plug the views in while printing
+        with torch.no_grad(), _plugged(self.student, self.student_parameters()):
+            return super().__repr__()
+
 
 @contextmanager
 def _plugged(student: nn.Module, params: Dict[str, torch.Tensor]):

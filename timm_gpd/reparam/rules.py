@@ -9,6 +9,7 @@ the image, the classifier emits logits), a rule returns a :class:`ModulePlan`: a
 without tensors of their own are containers: their children are visited. Anything
 else is unsupported and raises ``NotImplementedError`` naming its path and type.
 """
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
@@ -296,16 +297,77 @@ def feature_width_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     return ModulePlan(attrs={'num_features': ctx.channels(m.num_features).wide_size})
 
 
-def _register_timm_cnn_rules():
-    """CNN families beyond ResNet / MobileNet-V1/V2 (exact types, as above)."""
+def token_mixing_block_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """MLP-Mixer / ResMLP blocks: the token-mixing MLP works along the tokens, which do not widen,
+    the same way for every channel, so it stays as it is. ResMLP's layer scales are channel vectors."""
+    plan = ModulePlan(handled={'mlp_tokens', 'linear_tokens'})
+    for name in ('ls1', 'ls2'):
+        t = getattr(m, name, None)
+        if isinstance(t, nn.Parameter):
+            plan.tensors[name] = _plan((0, ctx.channels(t.shape[0]), COPY))
+    return plan
+
+
+def affine_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """ResMLP's Affine 'norm': per-channel scale and shift of shape [1, 1, C]; any ratio is exact."""
+    cmap = ctx.channels(m.alpha.shape[-1])
+    return ModulePlan(tensors={'alpha': _plan((2, cmap, COPY)), 'beta': _plan((2, cmap, COPY))})
+
+
+def _register_timm_family_rules():
+    """Families beyond ResNet / MobileNet-V1/V2 / ViT (exact types, as above)."""
     from timm import layers
     from timm.layers import grn
-    from timm.models import convnext, mobilenetv3
+    from timm.models import convnext, deit, mlp_mixer, mobilenetv3
 
     register_rule(layers.Linear)(linear_rule)  # nn.Linear with a TorchScript dtype cast (MobileNetV3 head)
     register_rule(convnext.ConvNeXtBlock)(layer_scale_param_rule)
     register_rule(grn.GlobalResponseNorm)(global_response_norm_rule)
     register_rule(mobilenetv3.MobileNetV3)(feature_width_rule)
+    register_rule(deit.VisionTransformerDistilled)(vision_transformer_rule)  # + dist_token, head_dist
+    register_rule(mlp_mixer.MixerBlock, mlp_mixer.ResBlock)(token_mixing_block_rule)
+    register_rule(mlp_mixer.Affine)(affine_rule)
+    register_rule(mlp_mixer.MlpMixer)(vision_transformer_rule)  # embed_dim and the widths equal to it
 
 
-_register_timm_cnn_rules()
+_register_timm_family_rules()
+
+
+# Common timm blocks whose forward splits, concatenates or reshapes channels by count. Refused
+# up front with the reason: otherwise the DT's forward fails with a shape error of its own, or
+# the exactness check names them only after the whole DT was built.
+_UNSUPPORTED_TIMM_BLOCKS = (
+    ('timm.models.cspnet', 'CrossStage', 'splits its channels in two parts and concatenates them'),
+    ('timm.models.cspnet', 'CrossStage3', 'splits its channels in two parts and concatenates them'),
+    ('timm.models.ghostnet', 'GhostModule', 'concatenates primary and cheap features, then keeps the first channels'),
+    ('timm.models.ghostnet', 'GhostModuleV2', 'concatenates primary and cheap features, then keeps the first channels'),
+    ('timm.models.ghostnet', 'GhostModuleV3', 'concatenates primary and cheap features, then keeps the first channels'),
+    ('timm.models.dpn', 'DualPathBlock', 'splits and concatenates its residual and dense paths'),
+    ('timm.models.rexnet', 'LinearBottleneck', 'adds its shortcut to the first channels only'),
+    ('timm.layers.selective_kernel', 'SelectiveKernel', 'splits and reshapes its channels into kernel paths'),
+    ('timm.models.res2net', 'Bottle2neck', 'splits its channels into scales'),
+    ('timm.models.dla', 'DlaBottle2neck', 'splits its channels into scales'),
+    ('timm.models.dla', 'DlaRoot', 'concatenates the outputs of its children'),
+    ('timm.layers.mixed_conv2d', 'MixedConv2d', 'splits its channels into fixed-size groups, one kernel size each'),
+    ('timm.models.vovnet', 'OsaBlock', 'concatenates the outputs of its layers'),
+    ('timm.models.inception_v3', 'InceptionA', 'concatenates its branches'),
+    ('timm.models.inception_v3', 'InceptionB', 'concatenates its branches'),
+    ('timm.models.inception_v3', 'InceptionC', 'concatenates its branches'),
+    ('timm.models.inception_v3', 'InceptionD', 'concatenates its branches'),
+    ('timm.models.inception_v3', 'InceptionE', 'concatenates its branches'),
+    ('timm.models.selecsls', 'SelecSlsBlock', 'concatenates the outputs of its layers'),
+    ('timm.models.hgnet', 'HighPerfGpuBlock', 'concatenates the outputs of its layers'),
+    ('timm.models.mobilevit', 'MobileVitBlock', 'concatenates its input with the output of its transformer'),
+    ('timm.models.mlp_mixer', 'SpatialGatingUnit', 'splits its channels in two halves (gMLP)'),
+    ('timm.models.efficientvit_mit', 'LiteMLA', 'concatenates its multi-scale q/k/v and reshapes them into heads'),
+)
+
+
+def _register_timm_unsupported():
+    for module_name, name, reason in _UNSUPPORTED_TIMM_BLOCKS:
+        module_type = getattr(importlib.import_module(module_name), name, None)
+        if module_type is not None:
+            register_unsupported(module_type, reason)
+
+
+_register_timm_unsupported()

@@ -215,22 +215,26 @@ def _tensors(value) -> List[torch.Tensor]:
 def locate_mismatch(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, tol: float) -> Optional[str]:
     """Path and type of the module whose forward first hands a child channels that are not
     replicas of the student's: that module's own code (a concat, a shuffle...) mixes channels."""
-    inputs: Dict[str, List[torch.Tensor]] = {}
+    inputs: Dict[str, List[List[torch.Tensor]]] = {}  # per module, the inputs of each call
+    calls: Dict[str, int] = {}
 
     class _Found(Exception):
         pass
 
     def record(path):
         def hook(_, args):
-            inputs.setdefault(path, _tensors(args))
+            # cloned: a later in-place op (ReLU(inplace=True), +=) would change what was recorded
+            inputs.setdefault(path, []).append([t.clone() for t in _tensors(args)])
         return hook
 
     def compare(path):
         def hook(_, args):
-            expected = inputs.get(path)
-            if expected is None:
+            # call by call: a module used several times (a shared activation) sees other shapes
+            call = calls[path] = calls.get(path, -1) + 1
+            recorded = inputs.get(path, [])
+            if call >= len(recorded):
                 return
-            for ref, got in zip(expected, _tensors(args)):
+            for ref, got in zip(recorded[call], _tensors(args)):
                 got = _first_copy(got, ref.shape)
                 if got is None or (got.float() - ref.float()).abs().max().item() > tol:
                     raise _Found(path)

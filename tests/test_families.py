@@ -1,0 +1,164 @@
+"""timm families through the generic rules: family x ratio x CBR.
+
+Each case checks that the dynamic teacher (DT) equals the GPD student at init in eval and
+train mode, and that after a few SGD steps the extracted student equals the GPD student and
+loads strict into the stock timm model. Families that cannot be widened exactly are refused
+with a clear error.
+"""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.layers.grn import GlobalResponseNorm
+
+import timm_gpd
+from family_helpers import (
+    FAMILIES, FAMILY_IDS, INTEGER_RATIO_ONLY, NO_CBR_CONV, assert_same_function, create, make_student, sgd_steps)
+from timm_gpd.reparam.branches import CBRConv2d
+from timm_gpd.reparam.expansion import widened_size
+from timm_gpd.reparam.widen import plan_expansion
+
+
+@pytest.mark.parametrize('cbr', [True, False], ids=['cbr', 'plain'])
+@pytest.mark.parametrize('ratio', [2, 3, 1.5])
+@pytest.mark.parametrize('family,arch,kwargs', FAMILIES, ids=FAMILY_IDS)
+def test_family(family, arch, kwargs, ratio, cbr):
+    student = make_student(arch, kwargs)
+    if family in INTEGER_RATIO_ONLY and ratio != int(ratio):
+        with pytest.raises(ValueError, match='integer gpd_ratio'):
+            timm_gpd.GPDModel(student, ratio=ratio, cbr=cbr)
+        return
+    model = timm_gpd.GPDModel(student, ratio=ratio, cbr=cbr)
+    assert model.teacher.num_features == widened_size(student.num_features, ratio)
+    assert 'student=' in repr(model)  # layers' extra_repr read the student's parameters
+    assert any(isinstance(m, CBRConv2d) for m in model.teacher.modules()) == (cbr and family not in NO_CBR_CONV)
+    # train-mode BatchNorm normalizes over batch x final spatial size (1x1 at 32 px): with a
+    # batch of 2 that is +-1 up to fp noise, and 4 values still amplify the DT's rounding
+    # differences to ~1e-4 relative (EfficientNet): 8 keep a 5x margin
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    with torch.no_grad():
+        model.eval()
+        before, teacher = model(x, mode='both')
+        assert_same_function(before, teacher)
+        if not cbr or family in NO_CBR_CONV:  # else CBR from scratch changed the function
+            assert_same_function(student.eval()(x), before)
+        model.train()  # last: updates the running statistics
+        assert_same_function(*model(x, mode='both'))
+
+    sgd_steps(model, x)
+    model.eval()
+    plain = model.extract_student()
+    assert type(plain) is type(student)
+    assert not any(isinstance(m, CBRConv2d) for m in plain.modules())
+    stock = create(arch, kwargs)
+    stock.load_state_dict(plain.state_dict(), strict=True)
+    stock.eval()
+    with torch.no_grad():
+        after = model(x)
+        assert (after - before).abs().max() > 1e-3  # the steps did train the shared weights
+        assert_same_function(after, stock(x), rel=1e-5)
+
+
+def test_ratio_that_cannot_add_whole_groups_is_a_value_error():
+    # regnetx_002's grouped convs have 3 groups of 8 channels: x1.5 gives 36, not whole groups
+    regnet = timm.create_model('regnetx_002', num_classes=10)
+    with pytest.raises(ValueError, match=r's1\.b1\.conv2\.conv: grouped conv .* whole number of groups'):
+        timm_gpd.GPDModel(regnet, ratio=1.5)
+    # an integer ratio always adds whole groups
+    plan = plan_expansion(regnet, 2)
+    assert plan.tensors['s1.b1.conv2.conv.weight'].dims[0][1].wide_size == 48
+
+
+def test_global_response_norm_refuses_fractional_ratio():
+    # ConvNeXt-V2's LayerNorms refuse first: check GRN on its own
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 1), GlobalResponseNorm(4, channels_last=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 10))
+    with pytest.raises(ValueError, match=r'^1 \(GlobalResponseNorm\).*integer gpd_ratio'):
+        plan_expansion(net, 1.5)
+    with torch.no_grad():
+        net[1].weight.normal_()
+    timm_gpd.inverse_reparameterize(net, ratio=3)  # exact (checked) with 3 copies of each channel
+
+
+# Common families whose forward splits, concatenates or reshapes channels by count: refused
+# up front, naming the block (smallest timm variant of each, default kwargs)
+UNSUPPORTED = [
+    ('cs3darknet_s', 'CrossStage3'),
+    ('cspresnet50', 'CrossStage'),
+    ('ghostnet_050', 'GhostModule'),
+    ('ghostnetv3_050', 'GhostModuleV3'),
+    ('dpn48b', 'DualPathBlock'),
+    ('rexnet_100', 'LinearBottleneck'),
+    ('skresnet18', 'SelectiveKernel'),
+    ('res2net50_14w_8s', 'Bottle2neck'),
+    ('dla60_res2net', 'DlaBottle2neck'),
+    ('mixnet_s', 'MixedConv2d'),
+    ('ese_vovnet19b_slim_dw', 'OsaBlock'),
+    ('dla46_c', 'DlaRoot'),
+    ('inception_v3', 'InceptionA'),
+    ('selecsls42b', 'SelecSlsBlock'),
+    ('hgnet_tiny', 'HighPerfGpuBlock'),
+    ('mobilevit_xxs', 'MobileVitBlock'),
+    ('efficientvit_b0', 'LiteMLA'),
+    ('gmlp_ti16_224', 'SpatialGatingUnit'),
+    ('densenet121', 'DenseBlock'),
+]
+
+
+@pytest.mark.parametrize('arch,block', UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
+def test_unsupported_family_is_refused_naming_the_block(arch, block):
+    model = timm.create_model(arch, num_classes=10)
+    with pytest.raises(NotImplementedError, match=rf'\({block}\) .*inverse reparameterization does not support it'):
+        plan_expansion(model, 2)
+
+
+# Families with module types that hold tensors and have no rule (yet): refused naming the module
+NO_RULE = [
+    ('swin_tiny_patch4_window7_224', 'WindowAttention'),
+    ('levit_128s', 'Attention'),
+    ('nf_resnet26', 'ScaledStdConv2d'),
+    ('poolformer_s12', 'GroupNorm1'),
+    ('cait_xxs24_224', 'Cait'),
+]
+
+
+@pytest.mark.parametrize('arch,module', NO_RULE, ids=[u[0] for u in NO_RULE])
+def test_family_without_rule_is_refused_naming_the_module(arch, module):
+    model = timm.create_model(arch, num_classes=10)
+    with pytest.raises(NotImplementedError, match=rf'\.{module}\) has tensors of its own and no inverse reparam'):
+        plan_expansion(model, 2)
+
+
+class _SharedInplaceAct(nn.Module):
+    """Supported: one in-place ReLU used twice, on two widths (as in DLA or torchvision blocks)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, 2 * c, 1)
+        self.conv2 = nn.Conv2d(2 * c, c, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(self.conv2(self.act(self.conv1(x))))
+
+
+class _Concat(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+        self.proj = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x):
+        return self.proj(torch.cat([x, self.conv(x)], 1))
+
+
+def test_culprit_search_is_not_fooled_by_shared_or_inplace_activations():
+    # the search compares what each module receives in the student and the DT: an in-place op
+    # must not change what was recorded, and a module called twice is compared call by call
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), _SharedInplaceAct(4), _Concat(4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    with pytest.raises(NotImplementedError, match=r'^2 \(_Concat\) combines channels'):
+        timm_gpd.inverse_reparameterize(net, ratio=2)
