@@ -79,7 +79,6 @@ class GPDModel(nn.Module):
                 if p is not None:  # None entries (bias=False) stay: forwards read them
                     del module._parameters[name]
         self.student = student
-        self._stem = plan.stem
         if check:
             x = check_input(self.teacher, plan.stem)
             check_function_preserved(_StudentOf(self), self.teacher, x)
