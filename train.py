@@ -22,7 +22,7 @@ import random
 import sys
 import time
 import zipfile
-from copy import deepcopy
+from copy import copy, deepcopy
 from datetime import datetime
 from typing import Dict, List, Optional
 
@@ -46,6 +46,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, distribute_bn, get_outdir
 
 from timm_gpd.losses import DynamicTeacherKD, kd_loss_from_name
+from timm_gpd.precise_bn import recompute_bn_stats
 from timm_gpd.task import TrainTask
 
 _logger = logging.getLogger('train')
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
                        help='experiment name (default: date-time-model; with --resume: the checkpoint folder)')
+    group.add_argument('--precise-bn', type=int, default=0, metavar='BATCHES',
+                       help='before every validation, recompute the BatchNorm running statistics of the '
+                            'student (and DT) over the first BATCHES training batches, eval transforms '
+                            '(0: off; the EMA model keeps its own)')
     group.add_argument('--dist-bn', type=str, default='reduce', choices=('reduce', 'broadcast', ''),
                        help='before eval, average ("reduce") or copy from rank 0 ("broadcast") BatchNorm stats')
     group.add_argument('--eval-metric', default='top1',
@@ -227,6 +232,8 @@ def parse_args(argv=None):
         args.in_chans = args.input_size[0]
     if args.clip_grad is None and args.gpd:
         args.clip_grad = 5.0
+    if args.precise_bn < 0:
+        parser.error(f'--precise-bn takes a number of batches >= 0, got {args.precise_bn}')
     if args.gpd_cbr_only and not args.gpd:
         parser.error('--gpd-cbr-only needs --gpd')
     if args.teacher_checkpoint and not args.teacher:
@@ -506,6 +513,19 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor):
     return hit[:, 0].float(), hit.any(dim=-1).float()
 
 
+def recompute_student_bn(model: nn.Module, loader, accelerator, dynamic_teacher: bool):
+    """ --precise-bn: running statistics of the current weights (each process on its shard;
+    --dist-bn then averages them across processes). """
+    def forward(x):
+        with accelerator.autocast():
+            return model(x, mode='both') if dynamic_teacher else model(x)
+    # iterating a loader draws its worker seed from the global generator: without the fork, the
+    # recompute would change the augmentations of every later epoch
+    cuda = [accelerator.device] if accelerator.device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda):
+        recompute_bn_stats(model, (x for x, _ in loader), forward)
+
+
 @torch.no_grad()
 def validate(model: nn.Module, loader, accelerator, dynamic_teacher: bool, ema_model: Optional[nn.Module] = None):
     """ Top-1/top-5 (%) of the student, the DT and the EMA student over the whole (sharded) loader. """
@@ -596,6 +616,7 @@ def build_loaders(args, data_config: dict, train_ds, val_ds):
     eval_tf = create_transform(**data_config, is_training=False)
     train_tf.transforms.insert(0, ConvertImageMode(mode))
     eval_tf.transforms.insert(0, ConvertImageMode(mode))
+    bn_ds = copy(train_ds)  # the training images under the eval transforms (shares the image data)
     train_ds = set_transform(train_ds, train_tf, args.train_limit)
     val_ds = set_transform(val_ds, eval_tf, args.val_limit)
     loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem)
@@ -603,7 +624,12 @@ def build_loaders(args, data_config: dict, train_ds, val_ds):
         train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kwargs)
     val_loader = torch.utils.data.DataLoader(
         val_ds, batch_size=args.validation_batch_size or args.batch_size, shuffle=False, **loader_kwargs)
-    return train_loader, val_loader
+    bn_loader = None
+    if args.precise_bn > 0:
+        bn_limit = min(args.train_limit or len(bn_ds), args.precise_bn * args.batch_size)
+        bn_loader = torch.utils.data.DataLoader(
+            set_transform(bn_ds, eval_tf, bn_limit), batch_size=args.batch_size, shuffle=False, **loader_kwargs)
+    return train_loader, val_loader, bn_loader
 
 
 def build_task(args, model, optimizer, accelerator, dynamic_teacher: bool, teacher, model_ema) -> TrainTask:
@@ -706,7 +732,7 @@ def main(argv=None):
     dynamic_teacher = args.gpd and model.has_teacher
     if args.eval_metric.startswith(('dt_', 'gap_')) and not dynamic_teacher:
         raise UsageError(f'--eval-metric {args.eval_metric} needs a dynamic teacher (--gpd without --gpd-cbr-only)')
-    train_loader, val_loader = build_loaders(args, data_config, train_ds, val_ds)
+    train_loader, val_loader, bn_loader = build_loaders(args, data_config, train_ds, val_ds)
     num_train, num_val = len(train_loader.dataset), len(val_loader.dataset)
     teacher = None
     if args.teacher:
@@ -718,6 +744,8 @@ def main(argv=None):
         _logger.info(f'Learning rate {args.lr:.4g} from --lr-base {args.lr_base} at global batch {global_batch}')
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if bn_loader is not None:
+        bn_loader = accelerator.prepare(bn_loader)
     unwrapped = accelerator.unwrap_model(model)
     if len(train_loader) == 0:
         raise UsageError(f'no full training batch: {num_train} images for batch size {args.batch_size} '
@@ -773,6 +801,8 @@ def main(argv=None):
             train_loader.set_epoch(epoch)
             train_metrics = train_one_epoch(epoch, task, train_loader, scheduler, accelerator, args)
             lr = optimizer.param_groups[0]['lr']
+            if bn_loader is not None:
+                recompute_student_bn(unwrapped, bn_loader, accelerator, dynamic_teacher)
             if accelerator.num_processes > 1 and args.dist_bn:
                 # each process updated its BN statistics on its own batches
                 for m in filter(None, (unwrapped, ema_module)):

@@ -21,6 +21,7 @@ last.pth resumes from it, and a run dir without one is started afresh.
   runs/<regime>-teacher/           the static teacher of that regime
   logs/<run>.log                   train.py's stdout and stderr
   accuracy.csv, accuracy.md        per (regime, method): top-1 mean +- std over seeds
+  comparisons.csv, comparisons.md  the paper's claims as paired (same seed) differences
   runs.csv                         one line per finished run
   top1_per_epoch.png, gap_per_epoch.png
 """
@@ -45,7 +46,7 @@ CONFIG_DIR = REPO_ROOT / 'benchmarks' / 'configs'
 TEACHER = 'teacher'
 TEACHER_SEED = 0
 # run order within a (seed, regime): a setting's start_from run must come before it
-METHODS = ('baseline', 'kd', 'dkd', 'cbr_only', 'gpd_scratch', 'gpd_dkd', 'finetune_plain', 'finetune_gpd')
+METHODS = ('baseline', 'baseline_r2lr', 'kd', 'dkd', 'cbr_only', 'gpd_scratch', 'gpd_dkd', 'finetune_plain', 'finetune_gpd')
 # args.yaml keys that may differ between an interrupted run and its continuation
 ARGS_FREE_TO_CHANGE = {'data_dir', 'workers', 'log_interval', 'validation_batch_size'}
 RUN_NAME = re.compile(r'^(?P<regime>[a-z0-9_]+)-(?P<method>[a-z0-9_]+?)(?:-s(?P<seed>\d+))?$')
@@ -101,10 +102,12 @@ def make_run(regime: str, method: str, seed: int, recipe: dict, profile: dict, s
     args = {**recipe, **profile.get('train', {}), **setting.get('train', {})}
     if start_from:
         args.update(profile.get('finetune', {}))
+    if setting.get('lr_scale'):
+        args['lr'] = args['lr'] * setting['lr_scale']
     args.update(
         data_dir=str(data_dir),
         train_limit=sizes.get('train_limit'),  # None: the whole training split
-        epochs=sizes['finetune_epochs' if start_from else 'epochs'],
+        epochs=sizes['finetune_epochs' if start_from else 'epochs'] * int(setting.get('epochs_scale', 1)),
         seed=seed,
     )
     if args.get('gpd'):
@@ -391,6 +394,51 @@ def per_run_rows(results: List[Result], regimes: Sequence[str]) -> List[dict]:
             for regime, method, members in group(results, regimes) for r in members]
 
 
+# the paper's claims as (better, worse) method pairs, compared seed by seed on final top-1
+CLAIMS = (
+    ('kd', 'baseline', 'KD > baseline'),
+    ('dkd', 'kd', 'DKD > KD'),
+    ('gpd_dkd', 'dkd', 'GPD + DKD > DKD (static teacher)'),
+    ('gpd_scratch', 'baseline', 'GPD > baseline without a static teacher (scratch)'),
+    ('finetune_gpd', 'finetune_plain', 'GPD fine-tune > plain continuation'),
+    ('gpd_scratch', 'cbr_only', 'the DT adds to CBR alone'),
+    ('cbr_only', 'baseline', 'CBR alone > baseline'),
+    ('gpd_scratch', 'baseline_r2lr', "GPD > plain training at the GPD student's effective lr"),
+)
+
+
+def paired_differences(results: List[Result], regimes: Sequence[str]) -> List[dict]:
+    """ For each claim and regime: final top-1 of the better-claimed method minus the other's, per
+    seed both ran (the same seed: same data order and init), with mean, sample std and signs. """
+    final = {(r.regime, r.method, r.seed): r.top1[-1] for r in results}
+    rows = []
+    for regime in regimes:
+        for better, worse, claim in CLAIMS:
+            seeds = sorted(s for (g, m, s) in final if g == regime and m == better and (g, worse, s) in final)
+            if not seeds:
+                continue
+            diffs = [final[(regime, better, s)] - final[(regime, worse, s)] for s in seeds]
+            mean, std = mean_std(diffs)
+            rows.append(dict(regime=regime, claim=claim, better=better, worse=worse, seeds=len(seeds),
+                             diff_mean=mean, diff_std=std, positive=sum(d > 0 for d in diffs),
+                             per_seed=' '.join(f'{d:+.1f}' for d in diffs)))
+    return rows
+
+
+def write_comparisons_markdown(path: Path, rows: List[dict]):
+    lines = [
+        'Paired differences of final student top-1 (points): the first method minus the second, seed by seed; '
+        'mean ± sample std over seeds, and in how many seeds the difference was positive.',
+        '',
+        '| regime | claim | difference | positive | per seed |',
+        '|---|---|---|---|---|',
+    ]
+    for r in rows:
+        lines.append(f"| {r['regime']} | {r['claim']} (`{r['better']}` - `{r['worse']}`) "
+                     f"| {pm(r['diff_mean'], r['diff_std'])} | {r['positive']}/{r['seeds']} | {r['per_seed']} |")
+    path.write_text('\n'.join(lines) + '\n')
+
+
 # ---------------------------------------------------------------- plots
 
 def mean_curve(series: List[List[float]]) -> Tuple[List[float], List[float]]:
@@ -480,9 +528,16 @@ def collect(out_dir: Path, profile_name: str, regimes: Sequence[str]) -> bool:
     write_csv(out_dir / 'accuracy.csv', rows)
     write_csv(out_dir / 'runs.csv', per_run_rows(results, regimes))
     write_markdown(out_dir / 'accuracy.md', rows, profile_name)
+    comparisons = paired_differences(results, regimes)
+    if comparisons:
+        write_csv(out_dir / 'comparisons.csv', comparisons)
+        write_comparisons_markdown(out_dir / 'comparisons.md', comparisons)
     write_plots(out_dir, results, regimes, load_settings())
     print((out_dir / 'accuracy.md').read_text())
-    print(f'written: accuracy.csv, accuracy.md, runs.csv, top1_per_epoch.png, gap_per_epoch.png in {out_dir}')
+    if comparisons:
+        print((out_dir / 'comparisons.md').read_text())
+    print(f'written: accuracy.csv, accuracy.md, comparisons.csv, comparisons.md, runs.csv, top1_per_epoch.png, '
+          f'gap_per_epoch.png in {out_dir}')
     return True
 
 

@@ -11,7 +11,10 @@ For each student/teacher pair, times in one process, interleaved, median of repe
 
 floor = teacher forward + DT fwd+bwd + student fwd+bwd. Targets: gpd_nocbr <= 1.10 x floor,
 gpd <= 1.25 x floor, peak memory of a GPD step <= 1.2 x the floor's parts held together.
-Peak memory is CUDA max allocated on a GPU, the peak RSS rise over the step on CPU (sampled).
+Peak memory is the rise above the memory held before the step (models, gradients, optimizer
+state): CUDA max allocated on a GPU; on CPU the sampled RSS of a second process, started with
+glibc's mmap threshold pinned so that freed tensors leave the RSS at once (that setting slows
+every allocation down, so the times come from this process, under the default allocator).
 Also: inference of the extracted student vs the stock timm model (should be ~1.00).
 
     python benchmarks/step_cost.py --img-size 64 --batch-size 16 --repeats 5
@@ -22,7 +25,9 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -53,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument('--amp', action='store_true', help='bf16 autocast')
     p.add_argument('--compile', action='store_true', help='torch.compile every model')
     p.add_argument('--results-file', default=None, help='write the measurements as JSON')
+    p.add_argument('--memory-only', default=None, metavar='JSON', help=argparse.SUPPRESS)  # the CPU memory process
     args = p.parse_args(argv)
     gpu = args.device.startswith('cuda')
     args.img_size = args.img_size or (224 if gpu else 64)
@@ -226,8 +232,37 @@ def inference_parity(models, x, args, device):
             with torch.no_grad():
                 m(x)
         fns[name] = run
-    t = time_steps(fns, args, device)
+    # inference is cheap next to a training step: more repeats keep the ratio's noise below 1 %
+    t = time_steps(fns, argparse.Namespace(warmup=args.warmup, repeats=max(4 * args.repeats, 20)), device)
     return t['extracted'] / t['stock']
+
+
+MEMORY_UNITS = ('floor_held_together', 'gpd', 'gpd_nocbr', 'kd')
+
+
+def measure_memory(steps, floor_held_together, device) -> dict:
+    mem = {}
+    for name in MEMORY_UNITS:
+        fn = floor_held_together if name == 'floor_held_together' else steps[name]
+        fn()  # the gradients and optimizer state it keeps belong to the baseline, not the peak
+        with PeakMemory(device) as pm:
+            fn()
+        mem[name] = pm.peak
+    return mem
+
+
+def memory_in_subprocess(pair, args) -> dict:
+    """glibc keeps freed heap memory and raises its mmap threshold as large blocks are freed, so
+    after warm-up the RSS no longer rises during a step, whatever it allocates. A pinned mmap
+    threshold maps and unmaps every tensor of 64 KiB or more: the RSS follows live memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, 'memory.json')
+        argv = [a for a in sys.argv[1:]] if args.argv is None else list(args.argv)
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, '--pairs', pair, '--memory-only', out]
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            return json.load(f)
 
 
 def measure_pair(pair, args):
@@ -237,12 +272,10 @@ def measure_pair(pair, args):
     t = time_steps(steps, args, device)
     floor = t['teacher_fwd'] + t['dt_fwd_bwd'] + t['student_fwd_bwd']
     parts = floor + t['optimizer']
-    mem = {}
-    for name, fn in (('floor_held_together', floor_held_together), ('gpd', steps['gpd']),
-                     ('gpd_nocbr', steps['gpd_nocbr']), ('kd', steps['kd'])):
-        with PeakMemory(device) as pm:
-            fn()
-        mem[name] = pm.peak
+    if device.type == 'cuda':
+        mem = measure_memory(steps, floor_held_together, device)
+    else:
+        mem = memory_in_subprocess(pair, args)
     return {
         'pair': pair, 'times_s': t,
         'gpd/kd': t['gpd'] / t['kd'],
@@ -269,6 +302,14 @@ def describe_device(device: str) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.argv = argv
+    if args.memory_only:
+        device = torch.device(args.device)
+        models = build(args.pairs[0], args, device)
+        steps, floor_held_together, _ = make_steps(models, args, device)
+        with open(args.memory_only, 'w') as f:
+            json.dump(measure_memory(steps, floor_held_together, device), f)
+        return
     header = (f'device: {describe_device(args.device)} | torch {torch.__version__} | img {args.img_size} '
               f'batch {args.batch_size} ratio {args.gpd_ratio} | channels_last={args.channels_last} '
               f'amp={args.amp} compile={args.compile} | {time.strftime("%Y-%m-%d")}')

@@ -13,7 +13,7 @@ data=(--data-dir data --dataset torch/fashion_mnist)
 
 $py train.py "${data[@]}" --model resnet18 --in-chans 1 --img-size 32 --mean 0.2860 --std 0.3530 \
     --gpd --gpd-ratio 2 --epochs 2 --batch-size 64 --lr 0.05 --warmup-epochs 0 \
-    --train-limit 2048 --val-limit 1000 --workers 2 \
+    --train-limit 2048 --val-limit 1000 --precise-bn 4 --workers 2 \
     --output output --experiment "$exp" "$@"
 
 echo "== the extracted student (stock timm resnet18), as train.py exported it"

@@ -1,4 +1,5 @@
-""" Shared pytest fixtures: repository paths and offline data. """
+""" Shared pytest fixtures: repository paths, offline data, the repository's scripts as modules. """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -17,6 +18,17 @@ if str(REPO_ROOT) not in sys.path:
 @pytest.fixture(scope='session')
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope='session')
+def load_script():
+    """ Import a script of the repository (train.py, benchmarks/*.py) by path, as a module. """
+    def load(relative_path: str, name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture(scope='session')

@@ -1,7 +1,6 @@
 """ benchmarks/accuracy.py without training: plan and commands (--dry-run), and the aggregation and
 plots on hand-made summary.csv files. """
 import csv
-import importlib.util
 import math
 import statistics
 
@@ -10,11 +9,8 @@ import yaml
 
 
 @pytest.fixture(scope='module')
-def bench(repo_root):
-    spec = importlib.util.spec_from_file_location('accuracy_bench', repo_root / 'benchmarks' / 'accuracy.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script('benchmarks/accuracy.py', 'accuracy_bench')
 
 
 def quick_profile(bench):
@@ -77,6 +73,13 @@ def test_plan_covers_every_method_and_seed(bench, tmp_path):
     # finetune_plain and finetune_gpd differ in --gpd only
     plain, gpd = by_name['full-finetune_plain-s1'].args, by_name['full-finetune_gpd-s1'].args
     assert {k: v for k, v in gpd.items() if not k.startswith('gpd')} == plain
+    # the static teacher trains epochs_scale times longer than its regime's students
+    for regime in regimes:
+        assert by_name[f'{regime}-teacher'].epochs == 5 * profile['regimes'][regime]['epochs']
+    # the lr control differs from the baseline in its lr only: ratio**2 times it
+    base, control = by_name['low-baseline-s2'].args, by_name['low-baseline_r2lr-s2'].args
+    assert control['lr'] == pytest.approx(4 * base['lr'])
+    assert {k: v for k, v in control.items() if k != 'lr'} == {k: v for k, v in base.items() if k != 'lr'}
     # each run's inputs are made by an earlier run
     position = {r.name: i for i, r in enumerate(plan)}
     assert all(position[n] < position[r.name] for r in plan for n in r.needs)
@@ -153,6 +156,18 @@ def test_aggregate_mean_std(bench, results_dir):
     assert rows[('full', 'teacher')]['final_top1_mean'] == 90.0
 
 
+def test_paired_differences(bench, results_dir):
+    results, _ = bench.load_results(results_dir / 'runs', ['full', 'low'])
+    rows = {(r['regime'], r['better'], r['worse']): r for r in bench.paired_differences(results, ['full', 'low'])}
+    # only claims with both methods run on a common seed; the teacher has no seed
+    assert set(rows) == {('full', 'kd', 'baseline'), ('full', 'gpd_scratch', 'baseline')}
+    kd = rows[('full', 'kd', 'baseline')]  # seeds 0 and 1: 75 - 70, 77 - 74
+    assert kd['seeds'] == 2 and kd['per_seed'] == '+5.0 +3.0' and kd['positive'] == 2
+    assert kd['diff_mean'] == pytest.approx(4.0) and kd['diff_std'] == pytest.approx(statistics.stdev([5.0, 3.0]))
+    gpd = rows[('full', 'gpd_scratch', 'baseline')]  # seed 0 only: 69 - 70
+    assert gpd['per_seed'] == '-1.0' and gpd['positive'] == 0 and math.isnan(gpd['diff_std'])
+
+
 def test_collect_writes_tables_and_plots(bench, results_dir):
     pytest.importorskip('matplotlib')
     assert bench.collect(results_dir, 'quick', ['full', 'low'])
@@ -164,6 +179,8 @@ def test_collect_writes_tables_and_plots(bench, results_dir):
     assert '| full | gpd_scratch | 1 | 69.00 | 70.00 |' in markdown
     with open(results_dir / 'runs.csv', newline='') as f:
         assert len(list(csv.DictReader(f))) == 9
+    assert '| full | KD > baseline (`kd` - `baseline`) | 4.00 ± 1.41 | 2/2 | +5.0 +3.0 |' in \
+        (results_dir / 'comparisons.md').read_text()
     for name in ('top1_per_epoch.png', 'gap_per_epoch.png'):
         png = results_dir / name
         assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -5,7 +5,6 @@ few minutes on two cores; resnet18 goes through exactly the same code.
 """
 import argparse
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -244,6 +243,30 @@ def test_kill_mid_epoch_then_resume(repo_root, subprocess_env, fashion_mnist_roo
     assert_same_training(scratch_run, run_dir)
 
 
+def test_precise_bn_changes_statistics_not_training(repo_root, subprocess_env, fashion_mnist_root, output_dir,
+                                                    scratch_run):
+    """ --precise-bn recomputes running statistics before each validation; the training itself
+    (weights, optimizer state, losses, the random streams of later epochs) is that of the run
+    without it. """
+    args = train_args(fashion_mnist_root, output_dir, 'precise_bn', '--gpd', '--model-ema', '--model-ema-decay',
+                      '0.9', '--precise-bn', '2', epochs=2)
+    run_train(repo_root, subprocess_env, args)
+    run_dir = output_dir / 'precise_bn'
+    ref, new = load_checkpoint(scratch_run / 'last.pth'), load_checkpoint(run_dir / 'last.pth')
+    stats = ('running_mean', 'running_var')
+    weights = [k for k in ref['state_dict'] if not k.endswith(stats)]
+    assert_states_equal({k: ref['state_dict'][k] for k in weights}, {k: new['state_dict'][k] for k in weights},
+                        'weights')
+    for i, state in ref['optimizer']['state'].items():
+        assert_states_equal(state, new['optimizer']['state'][i], f'optimizer state {i}')
+    for ra, rb in zip(read_rows(scratch_run)[1], read_rows(run_dir)[1]):
+        assert {k: v for k, v in ra.items() if k.startswith('train_')} == \
+            {k: v for k, v in rb.items() if k.startswith('train_')}
+    recomputed = [k for k in weights + list(ref['state_dict']) if k.endswith(stats)
+                  and not torch.equal(ref['state_dict'][k], new['state_dict'][k])]
+    assert any(k.startswith('student.') for k in recomputed) and any(k.startswith('teacher.') for k in recomputed)
+
+
 LAUNCHER = '''
 import sys
 import torch
@@ -281,11 +304,8 @@ def test_accelerate_launch_two_processes(repo_root, subprocess_env, fashion_mnis
 # ---------------------------------------------------------------- clear errors
 
 @pytest.fixture(scope='module')
-def train_module(repo_root):
-    spec = importlib.util.spec_from_file_location('train', repo_root / 'train.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def train_module(load_script):
+    return load_script('train.py', 'train')
 
 
 def test_truncated_checkpoint_cli_error(repo_root, subprocess_env, fashion_mnist_root, output_dir, plain_run,
@@ -348,6 +368,12 @@ def test_unknown_config_key(train_module, tmp_path, capsys):
         train_module.parse_args(['--config', str(cfg)])
     err = capsys.readouterr().err
     assert 'unknown key(s)' in err and 'learning_rate' in err
+
+
+def test_negative_precise_bn(train_module, capsys):
+    with pytest.raises(SystemExit):
+        train_module.parse_args(['--precise-bn', '-1'])
+    assert '--precise-bn takes a number of batches >= 0, got -1' in capsys.readouterr().err
 
 
 def test_config_file_sets_defaults(train_module, tmp_path):

@@ -1,0 +1,43 @@
+""" benchmarks/step_cost.py end to end on a tiny pair: every timed unit runs, the ratios it prints
+are the ratios of the times it measured, and the CPU memory probe sees a step's allocations. """
+import json
+import time
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope='module')
+def step_cost(load_script):
+    return load_script('benchmarks/step_cost.py', 'step_cost_bench')
+
+
+def test_peak_memory_sees_a_large_allocation(step_cost):
+    # in-process the mmap threshold is glibc's default: allocate far above its 32 MiB ceiling
+    with step_cost.PeakMemory(torch.device('cpu')) as pm:
+        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        time.sleep(0.05)
+        del t
+    assert pm.peak >= 48 * 2**20
+
+
+def test_tiny_pair_end_to_end(repo_root, tmp_path):
+    out = tmp_path / 'cost.json'
+    cmd = [sys.executable, str(repo_root / 'benchmarks' / 'step_cost.py'), '--pairs', 'resnet10t:resnet10t',
+           '--img-size', '32', '--batch-size', '2', '--num-classes', '10', '--repeats', '1', '--warmup', '1',
+           '--results-file', str(out)]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'gpd/floor' in proc.stdout and '(target <= 1.25)' in proc.stdout
+    result = json.loads(out.read_text())['results'][0]
+    t = result['times_s']
+    assert set(t) == {'plain', 'kd', 'gpd', 'gpd_nocbr', 'teacher_fwd', 'dt_fwd_bwd', 'student_fwd_bwd', 'optimizer'}
+    assert all(v > 0 for v in t.values())
+    floor = t['teacher_fwd'] + t['dt_fwd_bwd'] + t['student_fwd_bwd']
+    assert result['gpd/floor'] == pytest.approx(t['gpd'] / floor)
+    assert result['gpd/kd'] == pytest.approx(t['gpd'] / t['kd'])
+    # the re-run with a pinned mmap threshold makes a training step's allocations visible
+    assert result['peak_bytes']['gpd'] > 0 and result['peak_bytes']['floor_held_together'] > 0
+    assert result['extracted/stock inference'] > 0
