@@ -9,6 +9,7 @@ into one table (final and best student top-1, mean +- std over seeds) and two pl
     python benchmarks/accuracy.py --quick --dry-run        # print the train.py commands, run nothing
     python benchmarks/accuracy.py --quick --only baseline gpd_scratch --seeds 0
     python benchmarks/accuracy.py --quick --collect-only   # rebuild tables and plots from the runs
+    python benchmarks/accuracy.py --quick --regimes full --epochs-scale 4 --output DIR   # a longer run
 
 What each run does lives in YAML, not here: benchmarks/configs/recipe.yaml (shared recipe),
 <method>.yaml (one per setting, incl. teacher.yaml) and profile_<quick|full>.yaml (sizes, lr,
@@ -553,6 +554,9 @@ def parse_args(argv=None):
     p.add_argument('--only', nargs='+', choices=METHODS, metavar='METHOD',
                    help=f'train only these methods (and the runs they start from): {", ".join(METHODS)}')
     p.add_argument('--seeds', nargs='+', type=int, metavar='S', help="default: the profile's seeds")
+    p.add_argument('--regimes', nargs='+', metavar='REGIME', help="default: the profile's regimes (full, low)")
+    p.add_argument('--epochs-scale', type=int, default=1, metavar='K',
+                   help="train K times the profile's epochs (a longer run of the same recipe; use another --output)")
     p.add_argument('--output', type=Path, help='default: benchmarks/results/<profile>')
     p.add_argument('--data-dir', type=Path, default=REPO_ROOT / 'data',
                    help='Fashion-MNIST root (laid out from the Debian package when missing)')
@@ -572,6 +576,17 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     profile = load_yaml(CONFIG_DIR / f'profile_{args.profile}.yaml')
+    if args.regimes:
+        unknown = sorted(set(args.regimes) - set(profile['regimes']))
+        if unknown:
+            raise SystemExit(f'unknown regime(s) {", ".join(unknown)}: profile {args.profile} has '
+                             f'{", ".join(profile["regimes"])}')
+        profile['regimes'] = {r: profile['regimes'][r] for r in args.regimes}
+    if args.epochs_scale < 1:
+        raise SystemExit(f'--epochs-scale must be >= 1, got {args.epochs_scale}')
+    for sizes in profile['regimes'].values():
+        sizes['epochs'] *= args.epochs_scale
+        sizes['finetune_epochs'] *= args.epochs_scale
     regimes = list(profile['regimes'])
     runs_dir = args.output / 'runs'
     if args.collect_only:

@@ -63,6 +63,17 @@ def test_dry_run_commands(bench, tmp_path, capsys):
     assert len({flag_value(c, '--val-limit') for c in commands.values()}) == 1
 
 
+def test_longer_run_of_one_regime(bench, tmp_path, capsys):
+    out = tmp_path / 'x3'
+    assert bench.main(['--quick', '--dry-run', '--only', 'baseline', '--seeds', '0', '--regimes', 'low',
+                       '--epochs-scale', '3', '--output', str(out), '--data-dir', str(tmp_path / 'data')]) == 0
+    commands = [line.split() for line in capsys.readouterr().out.splitlines() if not line.startswith('#')]
+    assert len(commands) == 1 and flag_value(commands[0], '--experiment') == 'low-baseline-s0'
+    assert int(flag_value(commands[0], '--epochs')) == 3 * quick_profile(bench)['regimes']['low']['epochs']
+    with pytest.raises(SystemExit, match='unknown regime'):
+        bench.main(['--quick', '--dry-run', '--regimes', 'huge', '--output', str(out)])
+
+
 def test_plan_covers_every_method_and_seed(bench, tmp_path):
     profile = quick_profile(bench)
     plan = bench.build_plan(profile, bench.METHODS, [0, 1, 2], tmp_path / 'runs', tmp_path / 'data')
