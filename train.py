@@ -616,7 +616,7 @@ def build_loaders(args, data_config: dict, train_ds, val_ds):
     eval_tf = create_transform(**data_config, is_training=False)
     train_tf.transforms.insert(0, ConvertImageMode(mode))
     eval_tf.transforms.insert(0, ConvertImageMode(mode))
-    bn_ds = copy(train_ds)  # the training images under the eval transforms (shares the image data)
+    train_images = train_ds
     train_ds = set_transform(train_ds, train_tf, args.train_limit)
     val_ds = set_transform(val_ds, eval_tf, args.val_limit)
     loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem)
@@ -626,6 +626,7 @@ def build_loaders(args, data_config: dict, train_ds, val_ds):
         val_ds, batch_size=args.validation_batch_size or args.batch_size, shuffle=False, **loader_kwargs)
     bn_loader = None
     if args.precise_bn > 0:
+        bn_ds = copy(train_images)  # the training images under the eval transforms (shares the image data)
         bn_limit = min(args.train_limit or len(bn_ds), args.precise_bn * args.batch_size)
         bn_loader = torch.utils.data.DataLoader(
             set_transform(bn_ds, eval_tf, bn_limit), batch_size=args.batch_size, shuffle=False, **loader_kwargs)

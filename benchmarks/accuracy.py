@@ -529,16 +529,18 @@ def collect(out_dir: Path, profile_name: str, regimes: Sequence[str]) -> bool:
     write_csv(out_dir / 'accuracy.csv', rows)
     write_csv(out_dir / 'runs.csv', per_run_rows(results, regimes))
     write_markdown(out_dir / 'accuracy.md', rows, profile_name)
+    written = ['accuracy.csv', 'accuracy.md', 'runs.csv']
     comparisons = paired_differences(results, regimes)
     if comparisons:
         write_csv(out_dir / 'comparisons.csv', comparisons)
         write_comparisons_markdown(out_dir / 'comparisons.md', comparisons)
+        written += ['comparisons.csv', 'comparisons.md']
     write_plots(out_dir, results, regimes, load_settings())
+    written += ['top1_per_epoch.png', 'gap_per_epoch.png']
     print((out_dir / 'accuracy.md').read_text())
     if comparisons:
         print((out_dir / 'comparisons.md').read_text())
-    print(f'written: accuracy.csv, accuracy.md, comparisons.csv, comparisons.md, runs.csv, top1_per_epoch.png, '
-          f'gap_per_epoch.png in {out_dir}')
+    print(f'written: {", ".join(written)} in {out_dir}')
     return True
 
 

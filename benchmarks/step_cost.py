@@ -237,13 +237,10 @@ def inference_parity(models, x, args, device):
     return t['extracted'] / t['stock']
 
 
-MEMORY_UNITS = ('floor_held_together', 'gpd', 'gpd_nocbr', 'kd')
-
-
 def measure_memory(steps, floor_held_together, device) -> dict:
+    units = {'floor_held_together': floor_held_together, **{k: steps[k] for k in ('gpd', 'gpd_nocbr', 'kd')}}
     mem = {}
-    for name in MEMORY_UNITS:
-        fn = floor_held_together if name == 'floor_held_together' else steps[name]
+    for name, fn in units.items():
         fn()  # the gradients and optimizer state it keeps belong to the baseline, not the peak
         with PeakMemory(device) as pm:
             fn()
@@ -251,13 +248,12 @@ def measure_memory(steps, floor_held_together, device) -> dict:
     return mem
 
 
-def memory_in_subprocess(pair, args) -> dict:
+def memory_in_subprocess(pair, argv) -> dict:
     """glibc keeps freed heap memory and raises its mmap threshold as large blocks are freed, so
     after warm-up the RSS no longer rises during a step, whatever it allocates. A pinned mmap
     threshold maps and unmaps every tensor of 64 KiB or more: the RSS follows live memory."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'memory.json')
-        argv = [a for a in sys.argv[1:]] if args.argv is None else list(args.argv)
         cmd = [sys.executable, os.path.abspath(__file__), *argv, '--pairs', pair, '--memory-only', out]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -265,7 +261,7 @@ def memory_in_subprocess(pair, args) -> dict:
             return json.load(f)
 
 
-def measure_pair(pair, args):
+def measure_pair(pair, args, argv):
     device = torch.device(args.device)
     models = build(pair, args, device)
     steps, floor_held_together, x = make_steps(models, args, device)
@@ -275,7 +271,7 @@ def measure_pair(pair, args):
     if device.type == 'cuda':
         mem = measure_memory(steps, floor_held_together, device)
     else:
-        mem = memory_in_subprocess(pair, args)
+        mem = memory_in_subprocess(pair, argv)
     return {
         'pair': pair, 'times_s': t,
         'gpd/kd': t['gpd'] / t['kd'],
@@ -301,8 +297,8 @@ def describe_device(device: str) -> str:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    args.argv = argv
     if args.memory_only:
         device = torch.device(args.device)
         models = build(args.pairs[0], args, device)
@@ -316,7 +312,7 @@ def main(argv=None):
     print(header)
     results = []
     for pair in args.pairs:
-        r = measure_pair(pair, args)
+        r = measure_pair(pair, args, argv)
         results.append(r)
         t = r['times_s']
         print(f'\n{pair}: median of {args.repeats} (ms)')

@@ -24,15 +24,16 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], forwar
     """Replace the running statistics of every BatchNorm in ``model`` by the average of the batch
     statistics that ``forward(x)`` produces over ``batches``; returns the number of batches used.
 
-    Only the BatchNorm layers run in training mode (dropout and drop-path stay off, so no random
-    numbers are drawn); every module's mode, momentum and batch counter are restored afterwards.
+    Only the BatchNorm layers run in training mode (dropout and drop-path stay off and draw no
+    random numbers; a loader behind ``batches`` may still draw some, which is the caller's to
+    isolate). Every module's mode, momentum and batch counter are restored afterwards.
     """
     norms = running_stat_norms(model)
     if not norms:
         return 0
     modes = {m: m.training for m in model.modules()}
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-    old_stats = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    saved = [(m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone())
+             for m in norms]
     model.eval()
     for m in norms:
         m.reset_running_stats()
@@ -45,7 +46,7 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor], forwar
             count += 1
         completed = True
     finally:
-        for m, (momentum, tracked), (mean, var) in zip(norms, saved, old_stats):
+        for m, (momentum, tracked, mean, var) in zip(norms, saved):
             m.momentum = momentum
             m.num_batches_tracked.copy_(tracked)
             if not completed or count == 0:  # a failure or no batch at all: keep the old statistics
