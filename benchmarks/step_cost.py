@@ -248,14 +248,19 @@ def measure_memory(steps, floor_held_together, device) -> dict:
     return mem
 
 
+# glibc keeps freed heap memory and raises its mmap threshold as large blocks are freed, so
+# after warm-up the RSS no longer rises during a step, whatever it allocates. A pinned mmap
+# threshold maps and unmaps every tensor of 64 KiB or more: the RSS follows live memory.
+# glibc reads these at start-up only, hence a separate process.
+MEMORY_PROBE_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536', 'MALLOC_TRIM_THRESHOLD_': '0'}
+
+
 def memory_in_subprocess(pair, argv) -> dict:
-    """glibc keeps freed heap memory and raises its mmap threshold as large blocks are freed, so
-    after warm-up the RSS no longer rises during a step, whatever it allocates. A pinned mmap
-    threshold maps and unmaps every tensor of 64 KiB or more: the RSS follows live memory."""
+    """Peak memory of each step on CPU, measured in a fresh process under MEMORY_PROBE_ENV."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'memory.json')
         cmd = [sys.executable, os.path.abspath(__file__), *argv, '--pairs', pair, '--memory-only', out]
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+        env = dict(os.environ, **MEMORY_PROBE_ENV)
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         with open(out) as f:
             return json.load(f)

@@ -1,6 +1,7 @@
 """ benchmarks/step_cost.py end to end on a tiny pair: every timed unit runs, the ratios it prints
 are the ratios of the times it measured, and the CPU memory probe sees a step's allocations. """
 import json
+import os
 import time
 import subprocess
 import sys
@@ -14,13 +15,31 @@ def step_cost(load_script):
     return load_script('benchmarks/step_cost.py', 'step_cost_bench')
 
 
-def test_peak_memory_sees_a_large_allocation(step_cost):
-    # in-process the mmap threshold is glibc's default: allocate far above its 32 MiB ceiling
-    with step_cost.PeakMemory(torch.device('cpu')) as pm:
-        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        time.sleep(0.05)
-        del t
-    assert pm.peak >= 48 * 2**20
+PROBE = """
+import importlib.util, sys, time, torch
+spec = importlib.util.spec_from_file_location('step_cost_bench', sys.argv[1])
+step_cost = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(step_cost)
+torch.ones(1)  # torch's own start-up allocations stay outside the measured block
+with step_cost.PeakMemory(torch.device('cpu')) as pm:
+    t = torch.ones(int(sys.argv[2]) // 4)  # touched, so resident
+    time.sleep(0.05)
+    del t
+print(pm.peak)
+"""
+
+
+@pytest.mark.parametrize('nbytes', [256 * 2**10, 16 * 2**20])
+def test_peak_memory_sees_an_allocation_under_the_probe_env(step_cost, repo_root, nbytes):
+    # the memory numbers come from a fresh process under MEMORY_PROBE_ENV; in a long-lived process
+    # (pytest's) freed heap memory is reused and the RSS may not rise at all
+    env = dict(os.environ, **step_cost.MEMORY_PROBE_ENV)
+    script = str(repo_root / 'benchmarks' / 'step_cost.py')
+    proc = subprocess.run([sys.executable, '-c', PROBE, script, str(nbytes)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = int(proc.stdout.split()[-1])
+    assert 0.75 * nbytes <= peak <= nbytes + 8 * 2**20
 
 
 def test_tiny_pair_end_to_end(repo_root, tmp_path):
