@@ -92,6 +92,9 @@ UNSUPPORTED = [
     ('dpn48b', 'DualPathBlock'),
     ('rexnet_100', 'LinearBottleneck'),
     ('skresnet18', 'SelectiveKernel'),
+    # timm zero-inits each block's last BN gamma: with default weights the DT equals its student
+    # whatever SplitAttn does, so only refusing it up front keeps ResNeSt out
+    ('resnest14d', 'SplitAttn'),
     ('res2net50_14w_8s', 'Bottle2neck'),
     ('dla60_res2net', 'DlaBottle2neck'),
     ('mixnet_s', 'MixedConv2d'),

@@ -52,11 +52,13 @@ def test_tiny_pair_end_to_end(repo_root, tmp_path):
     assert 'gpd/floor' in proc.stdout and '(target <= 1.25)' in proc.stdout
     result = json.loads(out.read_text())['results'][0]
     t = result['times_s']
-    assert set(t) == {'plain', 'kd', 'gpd', 'gpd_nocbr', 'teacher_fwd', 'dt_fwd_bwd', 'student_fwd_bwd', 'optimizer'}
+    assert set(t) == {'plain', 'kd', 'gpd', 'gpd_nocbr', 'teacher_fwd', 'dt_fwd_bwd', 'student_fwd_bwd', 'optimizer',
+                      'floor_together'}
     assert all(v > 0 for v in t.values())
     floor = t['teacher_fwd'] + t['dt_fwd_bwd'] + t['student_fwd_bwd']
     assert result['gpd/floor'] == pytest.approx(t['gpd'] / floor)
     assert result['gpd/kd'] == pytest.approx(t['gpd'] / t['kd'])
+    assert result['gpd_nocbr/floor_together'] == pytest.approx(t['gpd_nocbr'] / t['floor_together'])
     # the re-run with a pinned mmap threshold makes a training step's allocations visible
     assert result['peak_bytes']['gpd'] > 0 and result['peak_bytes']['floor_held_together'] > 0
     assert result['extracted/stock inference'] > 0

@@ -345,6 +345,7 @@ _UNSUPPORTED_TIMM_BLOCKS = (
     ('timm.models.dpn', 'DualPathBlock', 'splits and concatenates its residual and dense paths'),
     ('timm.models.rexnet', 'LinearBottleneck', 'adds its shortcut to the first channels only'),
     ('timm.layers.selective_kernel', 'SelectiveKernel', 'splits and reshapes its channels into kernel paths'),
+    ('timm.layers.split_attn', 'SplitAttn', 'reshapes its channels into radix splits and weighs them by a softmax across the splits'),
     ('timm.models.res2net', 'Bottle2neck', 'splits its channels into scales'),
     ('timm.models.dla', 'DlaBottle2neck', 'splits its channels into scales'),
     ('timm.models.dla', 'DlaRoot', 'concatenates the outputs of its children'),
