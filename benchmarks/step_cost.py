@@ -35,7 +35,6 @@ from contextlib import nullcontext
 
 import timm
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm_gpd  # noqa: E402
@@ -203,8 +202,8 @@ def make_steps(models, args, device):
             loss = ce(wide(x), y) + ce(student(x), y)
         loss.backward()
 
-    # timed too: on CPU, holding both networks' activations at once slows a step down by itself
-    # (allocation and page faults), which the floor's standalone parts do not see
+    # timed too: on CPU, holding both networks' activations at once can slow a step down by
+    # itself, which the floor's standalone parts do not see
     steps['floor_together'] = floor_held_together
     return steps, floor_held_together, x
 

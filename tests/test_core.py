@@ -1,5 +1,4 @@
 """Exact inverse reparameterization, hard sharing, CBR and extraction of the gpd_* models."""
-import copy
 import io
 import pickle
 

@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-import timm_gpd
+import timm_gpd  # noqa: F401  (registers the gpd_* entrypoints)
 from hfhub.cache import place_in_cache
 from hub_helpers import offline_hub, randomize_bn_stats
 

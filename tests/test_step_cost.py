@@ -2,12 +2,10 @@
 are the ratios of the times it measured, and the CPU memory probe sees a step's allocations. """
 import json
 import os
-import time
 import subprocess
 import sys
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope='module')

@@ -17,7 +17,7 @@ exceed the convolution itself on small batches or feature maps. Per forward, the
 merging it and running it on the activations is used; both compute the same function.
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -11,7 +11,7 @@ else is unsupported and raises ``NotImplementedError`` naming its path and type.
 """
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple, Type
 
 import torch.nn as nn
 
