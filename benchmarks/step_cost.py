@@ -202,10 +202,10 @@ def make_steps(models, args, device):
             loss = ce(wide(x), y) + ce(student(x), y)
         loss.backward()
 
-    # timed too: on CPU, holding both networks' activations at once can slow a step down by
-    # itself, which the floor's standalone parts do not see
+    # the memory reference, timed too: on CPU, holding both networks' activations at once can
+    # slow a step down by itself, which the floor's standalone parts do not see
     steps['floor_together'] = floor_held_together
-    return steps, floor_held_together, x
+    return steps, x
 
 
 def time_steps(steps, args, device):
@@ -240,8 +240,8 @@ def inference_parity(models, x, args, device):
     return t['extracted'] / t['stock']
 
 
-def measure_memory(steps, floor_held_together, device) -> dict:
-    units = {'floor_held_together': floor_held_together, **{k: steps[k] for k in ('gpd', 'gpd_nocbr', 'kd')}}
+def measure_memory(steps, device) -> dict:
+    units = {'floor_held_together': steps['floor_together'], **{k: steps[k] for k in ('gpd', 'gpd_nocbr', 'kd')}}
     mem = {}
     for name, fn in units.items():
         fn()  # the gradients and optimizer state it keeps belong to the baseline, not the peak
@@ -272,12 +272,12 @@ def memory_in_subprocess(pair, argv) -> dict:
 def measure_pair(pair, args, argv):
     device = torch.device(args.device)
     models = build(pair, args, device)
-    steps, floor_held_together, x = make_steps(models, args, device)
+    steps, x = make_steps(models, args, device)
     t = time_steps(steps, args, device)
     floor = t['teacher_fwd'] + t['dt_fwd_bwd'] + t['student_fwd_bwd']
     parts = floor + t['optimizer']
     if device.type == 'cuda':
-        mem = measure_memory(steps, floor_held_together, device)
+        mem = measure_memory(steps, device)
     else:
         mem = memory_in_subprocess(pair, argv)
     return {
@@ -312,9 +312,9 @@ def main(argv=None):
     if args.memory_only:
         device = torch.device(args.device)
         models = build(args.pairs[0], args, device)
-        steps, floor_held_together, _ = make_steps(models, args, device)
+        steps, _ = make_steps(models, args, device)
         with open(args.memory_only, 'w') as f:
-            json.dump(measure_memory(steps, floor_held_together, device), f)
+            json.dump(measure_memory(steps, device), f)
         return
     header = (f'device: {describe_device(args.device)} | torch {torch.__version__} | img {args.img_size} '
               f'batch {args.batch_size} ratio {args.gpd_ratio} | channels_last={args.channels_last} '

@@ -14,10 +14,9 @@ def step_cost(load_script):
 
 
 PROBE = """
-import importlib.util, sys, time, torch
-spec = importlib.util.spec_from_file_location('step_cost_bench', sys.argv[1])
-step_cost = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(step_cost)
+import sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import step_cost
 torch.ones(1)  # torch's own start-up allocations stay outside the measured block
 with step_cost.PeakMemory(torch.device('cpu')) as pm:
     t = torch.ones(int(sys.argv[2]) // 4)  # touched, so resident
@@ -32,8 +31,7 @@ def test_peak_memory_sees_an_allocation_under_the_probe_env(step_cost, repo_root
     # the memory numbers come from a fresh process under MEMORY_PROBE_ENV; in a long-lived process
     # (pytest's) freed heap memory is reused and the RSS may not rise at all
     env = dict(os.environ, **step_cost.MEMORY_PROBE_ENV)
-    script = str(repo_root / 'benchmarks' / 'step_cost.py')
-    proc = subprocess.run([sys.executable, '-c', PROBE, script, str(nbytes)], env=env,
+    proc = subprocess.run([sys.executable, '-c', PROBE, str(repo_root / 'benchmarks'), str(nbytes)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak = int(proc.stdout.split()[-1])
