@@ -1,0 +1,14 @@
+"""Inverse Reparameterization rules: how each module type's tensors widen.
+
+``_registry`` holds the registry and what rules receive and return; ``layers`` the rules of
+torch's and timm's building blocks (convs, linears, norms, attention, layer scale); one module
+per timm model family adds that family's own blocks, as timm splits its models; ``unsupported``
+names the blocks refused up front with their reason.
+"""
+from ._registry import (
+    ModulePlan, Rule, RuleContext, channel_vector, get_rule, per_channel, plan_of, register_rule,
+    register_unsupported, timm_types, unsupported_reason,
+)
+from . import layers  # noqa: F401  (registers)
+from . import convnext, mlp_mixer, mobilenetv3, vit  # noqa: F401  (register)
+from . import unsupported  # noqa: F401  (registers)
