@@ -78,9 +78,44 @@ def test_dkd_stable_for_confident_logits():
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
 
-def test_dkd_rejects_soft_targets():
+def test_dkd_soft_targets_use_the_dominant_class():
+    # a mixup target (lam 0.7 on class 2, 0.3 on class 0, smoothed) splits DKD at class 2
+    from timm.data.mixup import mixup_target
+    hard = torch.tensor([2, 1])
+    soft = mixup_target(hard, 4, lam=1.0, smoothing=0.1)
+    soft = 0.7 * soft + 0.3 * mixup_target(torch.tensor([0, 3]), 4, lam=1.0, smoothing=0.1)
+    dkd = DecoupledKD(alpha=1.0, beta=0.5, temperature=2.0)
+    s, z = torch.tensor(S), torch.tensor(Z)
+    assert dkd(s, z, soft).item() == pytest.approx(dkd(s, z, hard).item(), rel=1e-6)
+    assert dkd(s, z, soft).item() != pytest.approx(dkd(s, z, torch.tensor([0, 3])).item(), rel=1e-3)
     with pytest.raises(ValueError, match='class indices'):
-        DecoupledKD()(torch.tensor(S), torch.tensor(Z), torch.rand(2, 4))
+        dkd(s, z, torch.rand(2, 4, 1))
+
+
+def test_kd_equals_timm_logit_distillation_task():
+    """ Our KD term is timm's LogitDistillationTask KD on the same logits (its forward, run with a
+    student and a teacher that output these logits). """
+    from timm.task import LogitDistillationTask
+
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+            self.pretrained_cfg = dict(mean=(0.5,), std=(0.5,))
+            self.num_classes, self.in_chans = logits.shape[1], 1
+
+        def forward(self, x):
+            return self.logits
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 10, generator=g) * 3, torch.randn(6, 10, generator=g) * 3
+    x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 10, (6,), generator=g)
+    for t in (1.0, 4.0):
+        task = LogitDistillationTask(Fixed(student), Fixed(teacher), criterion=nn.CrossEntropyLoss(),
+                                     temperature=t, verbose=False)
+        timm_kd = task(x, y)['kd_loss']
+        ours = kd_loss_from_name('kd', alpha=1.0, temperature=t)(student, teacher, y)
+        torch.testing.assert_close(ours, timm_kd, rtol=1e-6, atol=1e-7)
 
 
 def test_dt_term_weight_and_detach():

@@ -230,3 +230,128 @@ def test_shared_grads_real_gpd_model():
         torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6)
         shared += g_dt is not None and g_s is not None and g_s.abs().sum() > 0
     assert shared > 0
+
+
+# ---------------------------------------------------------------- recipe features: mixup, accumulation, teacher input
+
+class _RecordingCE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.targets = []
+
+    def forward(self, logits, target):
+        self.targets.append(target)
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def test_mixup_gives_soft_targets_to_student_and_dt_and_turns_off():
+    from timm.data import Mixup
+    torch.manual_seed(0)
+    model, criterion = TinyGPD(), _RecordingCE()
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=0., label_smoothing=0.1, num_classes=5)
+    task = TrainTask(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion, dynamic_teacher=True,
+                     dt_loss=DynamicTeacherKD(), mixup_fn=mixup, mixup_off_epoch=2)
+    x, y = _batch()
+    task.set_epoch(1)
+    task.step(x, y)
+    assert len(criterion.targets) == 2  # student CE and DT CE
+    mixed = criterion.targets[0]
+    assert mixed.shape == (8, 5) and torch.allclose(mixed.sum(-1), torch.ones(8))
+    assert not torch.allclose(mixed, F.one_hot(y, 5) * 0.9 + 0.1 / 5)  # mixed, not the labels alone
+    task.set_epoch(2)  # timm's --mixup-off-epoch: smoothed one-hot targets from then on
+    task.step(x, y)
+    off = criterion.targets[-1]
+    torch.testing.assert_close(off, F.one_hot(y, 5) * 0.9 + 0.1 / 5)
+
+
+def test_dkd_in_the_task_takes_mixed_targets():
+    from timm.data import Mixup
+    torch.manual_seed(0)
+    model, teacher = TinyGPD(), StaticTeacher()
+    mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=0., label_smoothing=0.1, num_classes=5)
+    task = TrainTask(model, torch.optim.SGD(model.parameters(), lr=0.1), _RecordingCE(), dynamic_teacher=True,
+                     static_teacher=teacher, kd_loss=kd_loss_from_name('dkd'), dt_loss=DynamicTeacherKD(),
+                     mixup_fn=mixup)
+    parts = task.step(*_batch())
+    assert torch.isfinite(parts['student_kd']) and torch.isfinite(parts['dt_kd'])
+
+
+def _accum_run(num_batches, accum):
+    """ TrainTask under Accelerate's gradient accumulation, over a prepared loader of num_batches. """
+    from accelerate import Accelerator
+    torch.manual_seed(0)
+    model = TinyGPD()
+    start = copy.deepcopy(model)
+    xs, ys = _batch(n=4 * num_batches)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=4)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+    prepared, opt, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+    task = TrainTask(prepared, opt, nn.CrossEntropyLoss(), accelerator=accelerator, dynamic_teacher=True,
+                     dt_loss=DynamicTeacherKD(), grad_accum_steps=accum)
+    steps = []
+    opt.optimizer.register_step_post_hook(lambda *args: steps.append(1))
+    for i, (x, y) in enumerate(loader):
+        task.step(x, y, i, len(loader))
+    return start, accelerator.unwrap_model(prepared), len(steps), task.num_updates, (xs, ys)
+
+
+@pytest.mark.parametrize('num_batches, accum', [(5, 2), (6, 3)])
+def test_grad_accumulation_has_timm_semantics(num_batches, accum):
+    start, trained, steps, updates, (xs, ys) = _accum_run(num_batches, accum)
+    expected_updates = -(-num_batches // accum)
+    assert steps == updates == expected_updates
+    # by hand, as timm's train.py: each loss divided by its group's size (a last short group: its own)
+    ref = copy.deepcopy(start)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    dt_loss = DynamicTeacherKD()
+    for first in range(0, num_batches, accum):
+        group = list(range(first, min(first + accum, num_batches)))
+        opt.zero_grad()
+        for b in group:
+            x, y = xs[4 * b:4 * b + 4], ys[4 * b:4 * b + 4]
+            zs, zd = ref(x, mode='both')
+            loss = F.cross_entropy(zs, y) + dt_loss(zs, zd) + F.cross_entropy(zd, y)
+            (loss / len(group)).backward()
+        opt.step()
+    for p, q in zip(trained.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accumulation_needs_matching_accelerator():
+    model = TinyGPD()
+    with pytest.raises(ValueError, match='gradient_accumulation_steps=2'):
+        TrainTask(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), grad_accum_steps=2)
+
+
+def test_renormalized_teacher_input():
+    from timm_gpd.task import RenormalizedTeacher
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pretrained_cfg = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+            self.seen = None
+
+        def forward(self, x):
+            self.seen = x
+            return x.mean(dim=(2, 3))
+
+    x = torch.randn(2, 3, 4, 4)
+    probe = Probe()
+    teacher = RenormalizedTeacher(probe, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert teacher.renormalizes
+    teacher(x)
+    pixels = x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    expected = (pixels - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    torch.testing.assert_close(probe.seen, expected)
+    # the teacher's own statistics: its input is the student's, untouched
+    same = RenormalizedTeacher(probe, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    assert not same.renormalizes
+    same(x)
+    assert probe.seen is x
+    # grayscale batches with RGB teacher statistics: averaged over channels
+    gray = RenormalizedTeacher(probe, (0.2860,), (0.3530,))
+    gray(torch.randn(2, 1, 4, 4))
+    assert probe.seen.shape == (2, 1, 4, 4)
+    assert gray.teacher.mean_kd.flatten().tolist() == pytest.approx([0.4])
+    assert not gray.train().training  # stays in eval mode

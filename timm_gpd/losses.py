@@ -46,6 +46,12 @@ class DecoupledKD(nn.Module):
     distributions [p_target, 1 - p_target]) and a non-target part (NCKD: KL
     between the distributions over the non-target classes, renormalized), and
     weights them independently: alpha * TCKD + beta * NCKD, each scaled by T^2.
+
+    Soft targets (Mixup / CutMix, shape (batch, classes)): DKD needs one target class per
+    sample, and takes the dominant one, the argmax of the mixed target (the label with the
+    larger mixing weight; label smoothing does not move it; on an exact tie, the lower class
+    index). The teacher still sees the mixed image: its distribution over the other label is
+    part of what NCKD transfers.
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.5, temperature: float = 1.0):
@@ -58,8 +64,11 @@ class DecoupledKD(nn.Module):
 
     def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor):
         """ Return (TCKD, NCKD), batch means, unweighted, T^2 scaled. """
-        if target.ndim != 1:
-            raise ValueError('DecoupledKD needs class indices as target (no mixup / soft targets)')
+        if target.ndim == 2:
+            target = target.argmax(dim=-1)  # soft (mixed) targets: the dominant class
+        elif target.ndim != 1:
+            raise ValueError(f'DecoupledKD takes class indices (batch,) or soft targets (batch, classes), '
+                             f'got a target of shape {tuple(target.shape)}')
         t = self.temperature
         s = student_logits.float() / t
         z = teacher_logits.detach().float() / t

@@ -182,6 +182,92 @@ class _StudentOf(nn.Module):
     def __init__(self, gpd: GPDModel):
         super().__init__()
         self.__dict__['gpd'] = gpd  # not a submodule: the check must not register it twice
+    # ---- the timm model interface, answered for the student (the model that gets deployed)
+
+    def _trained(self) -> Tuple[str, nn.Module]:
+        # the module that owns the trainable tensors, and its prefix in this model's parameter names
+        return ('teacher.', self.teacher) if self.teacher is not None else ('student.', self.student)
+
+    @property
+    def num_features(self) -> int:
+        return self.student.num_features
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """The exclusions a stock model of the student's architecture asks for, named as the
+        trained tensors: the DT's tensors share the student's names below ``teacher.``."""
+        names = self.student.no_weight_decay() if hasattr(self.student, 'no_weight_decay') else set()
+        prefix, _ = self._trained()
+        return {prefix + n for n in names}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """The student's layer groups (``--layer-decay``) applied to the trained tensors; the DT
+        has the student's module structure, so the student's matcher reads its names."""
+        from timm.models import group_parameters
+        prefix, trained = self._trained()
+        matcher = self.student.group_matcher(coarse=coarse)
+        layer_of = group_parameters(trained, matcher, reverse=True)
+        last = max(layer_of.values(), default=0)
+
+        def match(name: str) -> int:
+            return layer_of.get(name[len(prefix):], last) if name.startswith(prefix) else last
+        return match
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Activation checkpointing of the DT's blocks (the wide network: most of the activation
+        memory). The student's blocks are not checkpointed: their parameters exist only during
+        the forward, so a recomputation in the backward would find none."""
+        (self.teacher if self.teacher is not None else self.student).set_grad_checkpointing(enable)
+
+    def _student_call(self, method: str, *args, **kwargs):
+        if self.teacher is None:
+            return getattr(self.student, method)(*args, **kwargs)
+        with _plugged(self.student, self.student_parameters()):
+            return getattr(self.student, method)(*args, **kwargs)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's features (differentiable into the DT's tensors, like ``forward``)."""
+        return self._student_call('forward_features', x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self._student_call('forward_head', x, pre_logits=pre_logits)
+
+    @torch.jit.ignore
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """A new classifier for ``num_classes`` classes, on the student and on the DT alike: the
+        student's head is initialized by timm, the DT's is that head widened by the IR rules,
+        so DT and student agree on the new head exactly as they did at construction."""
+        if global_pool is None:
+            self.student.reset_classifier(num_classes)
+        else:
+            self.student.reset_classifier(num_classes, global_pool)
+        self.num_classes = num_classes
+        if self.teacher is None:
+            return
+        from .expansion import widen_tensor
+        fresh = {name: p for name, p in self.student.named_parameters()}  # only the new head has any
+        missing = [name for name in fresh if name not in self._shared]
+        if missing:
+            raise NotImplementedError(
+                f'GPDModel.reset_classifier: the DT has no widening rule for the new head tensors {missing} '
+                f'(was the model built with num_classes=0?); rebuild it with num_classes={num_classes}')
+        if global_pool is None:
+            self.teacher.reset_classifier(num_classes)
+        else:
+            self.teacher.reset_classifier(num_classes, global_pool)
+        with torch.no_grad():
+            for name, value in fresh.items():
+                plan = self._shared[name]
+                path, _, attr = name.rpartition('.')
+                wide = value.detach() if plan is None else widen_tensor(value.detach(), plan)
+                owner = self.teacher.get_submodule(path)
+                owner._parameters[attr] = nn.Parameter(wide.clone().contiguous().to(owner._parameters[attr]))
+                del self.student.get_submodule(path)._parameters[attr]
+        teacher_names = {name for name, _ in self.teacher.named_parameters()}
+        self._shared = {name: plan for name, plan in self._shared.items() if name in teacher_names}
+
 
     def forward(self, x):
         return self.gpd.forward_student(x)
