@@ -17,17 +17,15 @@ import argparse
 import csv
 import logging
 import os
-import pickle
 import random
 import sys
 import time
-import zipfile
+from contextlib import contextmanager
 from copy import copy, deepcopy
 from datetime import datetime
 from typing import Dict, List, Optional
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,21 +38,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import timm
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.models import load_checkpoint, safe_model_name
-from timm.models._hub import save_config_for_hf
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, distribute_bn, get_outdir
 
+from timm_gpd.checkpoint import (
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, exit_on_sigterm, non_finite_tensors,
+    read_weights, run_environment, state_dict_of)
+from timm_gpd import checkpoint as gpd_checkpoint
 from timm_gpd.losses import DynamicTeacherKD, kd_loss_from_name
 from timm_gpd.precise_bn import recompute_bn_stats
 from timm_gpd.task import TrainTask
 
 _logger = logging.getLogger('train')
-
-CHECKPOINT_FORMAT = 'timm-gpd-checkpoint'
-CHECKPOINT_VERSION = 1
-CHECKPOINT_KEYS = ('format', 'version', 'epoch', 'arch', 'args', 'state_dict', 'optimizer', 'scheduler', 'rng',
-                   'metric', 'num_classes', 'in_chans', 'img_size')
 
 LOSS_PARTS = ('student_ce', 'student_kd', 'student_dt', 'dt_ce', 'dt_kd')
 SUMMARY_COLUMNS = (
@@ -70,6 +66,10 @@ SCHEDULE_ARGS = ('sched', 'epochs', 'lr', 'min_lr', 'warmup_lr', 'warmup_epochs'
 
 class UsageError(Exception):
     """ A problem with the arguments or input files, reported without a traceback. """
+
+
+class TrainingDiverged(Exception):
+    """ A non-finite loss or weights: training stops, the last good checkpoint stays, nothing is exported. """
 
 
 # The first parser only finds the config file; its values become defaults of the main parser.
@@ -246,42 +246,24 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- checkpoints
 
 def read_checkpoint(path: str, what: str = 'checkpoint') -> dict:
-    """ torch.load with weights_only=True and errors that say what is wrong with the file. """
-    if not os.path.isfile(path):
-        raise UsageError(f'{what} {path} does not exist')
-    not_torch = f'{what} {path} is truncated or not a PyTorch file'
+    """ The content of a .pth / .safetensors file (weights_only), or a one-line UsageError. """
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; this is something else
-            raise UsageError(not_torch) from e
-        lines = str(e).splitlines()
-        reason = next((line.strip() for line in lines if 'Unsupported global' in line), lines[0])
-        raise UsageError(f'{what} {path} holds objects that weights_only=True refuses to load ({reason})') from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise UsageError(f'{not_torch} ({str(e).splitlines()[0]})') from e
+        return read_weights(path, what)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from e
 
 
 def read_training_checkpoint(path: str) -> dict:
-    ckpt = read_checkpoint(path, 'resume checkpoint')
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f'{path} is not a timm-gpd training checkpoint (no format={CHECKPOINT_FORMAT!r}); '
-            'to start from plain weights use --initial-checkpoint')
-    if ckpt.get('version') != CHECKPOINT_VERSION:
-        raise UsageError(
-            f'{path} has checkpoint version {ckpt.get("version")}, this train.py reads {CHECKPOINT_VERSION}')
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise UsageError(f'{path} lacks checkpoint keys: {", ".join(missing)}')
-    return ckpt
+    try:
+        return gpd_checkpoint.load_checkpoint(
+            path, 'resume checkpoint', training=True, hint='to start from plain weights use --initial-checkpoint')
+    except CheckpointError as e:
+        raise UsageError(str(e)) from e
 
 
 def save_atomic(obj, path: str):
     # a reader (or a resume after a kill) sees the old file or the new one, never half of one
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    gpd_checkpoint.save_atomic(obj, path)
 
 
 def get_rng_state() -> dict:
@@ -368,12 +350,11 @@ def resolve_data(args, model: nn.Module) -> dict:
 
 def load_student_weights(student: nn.Module, path: str):
     """ --initial-checkpoint: stock student weights (timm/our checkpoint, state dict or safetensors). """
-    if not path.endswith('.safetensors'):
-        ckpt = read_checkpoint(path, 'initial checkpoint')
-        if isinstance(ckpt, dict) and ckpt.get('gpd'):
-            raise UsageError(
-                f'{path} is a GPD training checkpoint; start a fine-tune from the stock student it '
-                'produced (student.safetensors in the same folder)')
+    ckpt = read_checkpoint(path, 'initial checkpoint')  # a bad file: a one-line error, not timm's traceback
+    if isinstance(ckpt, dict) and ckpt.get('gpd'):
+        raise UsageError(
+            f'{path} is a GPD training checkpoint; start a fine-tune from the stock student it '
+            'produced (student.safetensors in the same folder)')
     try:
         load_checkpoint(student, path, use_ema=True, strict=True)
     except (RuntimeError, KeyError) as e:
@@ -402,16 +383,13 @@ def create_static_teacher(args, num_classes: int, in_chans: int) -> nn.Module:
         return teacher
 
     teacher = timm.create_model(args.teacher, num_classes=num_classes, in_chans=in_chans)
-    if args.teacher_checkpoint.endswith('.safetensors'):
-        state_dict = safetensors.torch.load_file(args.teacher_checkpoint)
-    else:
-        ckpt = read_checkpoint(args.teacher_checkpoint, 'teacher checkpoint')
-        if isinstance(ckpt, dict) and ckpt.get('gpd'):
-            raise UsageError(
-                f'teacher checkpoint {args.teacher_checkpoint} is a GPD model; use its student.safetensors')
-        state_dict = ckpt
-        if isinstance(ckpt, dict):
-            state_dict = ckpt.get('state_dict_ema') or ckpt.get('state_dict') or ckpt
+    ckpt = read_checkpoint(args.teacher_checkpoint, 'teacher checkpoint')  # .pth or .safetensors
+    if isinstance(ckpt, dict) and ckpt.get('gpd'):
+        raise UsageError(
+            f'teacher checkpoint {args.teacher_checkpoint} is a GPD model; use its student.safetensors')
+    state_dict = state_dict_of(ckpt, use_ema=True)
+    if not isinstance(state_dict, dict):
+        raise UsageError(f'teacher checkpoint {args.teacher_checkpoint} holds no state dict')
     teacher_classes = classifier_out_features(state_dict, teacher)
     if teacher_classes is not None and teacher_classes != num_classes:
         raise UsageError(
@@ -458,6 +436,32 @@ def wrap_gpd(student: nn.Module, args) -> nn.Module:
     return timm_gpd.GPDModel(student, **gpd_kwargs(args))
 
 
+TRIAL_NUM_CLASSES = 10  # the head's size does not change what GPD can widen
+
+
+def build_model(args, num_classes: int, resuming: bool):
+    """ The model to train (a GPDModel under --gpd) and the student's data config; a GPD construction
+    error (bad ratio, a module the rules cannot widen) is a one-line UsageError. """
+    student = create_student(args, num_classes, resuming=resuming)
+    data_config = resolve_data(args, student)
+    if not args.gpd:
+        return student, data_config
+    try:
+        return wrap_gpd(student, args), data_config
+    except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+        raise UsageError(f'--model {args.model} --gpd: {" ".join(str(e).split())}') from e
+
+
+def check_warmup(args):
+    """ timm's schedulers hold the lr at the warmup ramp for --warmup-epochs: with as many epochs as
+    that or fewer, --lr (and the schedule after warmup) would never be used. """
+    if args.warmup_epochs > 0 and args.warmup_epochs >= args.epochs:
+        raise UsageError(
+            f'--warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate would stay on '
+            f'the warmup ramp from --warmup-lr {args.warmup_lr} and never reach --lr; pass --warmup-epochs '
+            f'below {args.epochs} (0: no warmup)')
+
+
 def check_resume_compatible(args, ckpt: dict, num_classes: int):
     problems = []
     if ckpt['arch'] != args.model:
@@ -485,8 +489,10 @@ def train_one_epoch(epoch, task: TrainTask, loader, scheduler, accelerator, args
     count = torch.zeros((), device=accelerator.device)
     num_batches = len(loader)
     bar = tqdm(loader, desc=f'epoch {epoch}', disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True)
+    watch = NonFiniteLossWatch(accelerator.device)
     for batch_idx, (x, y) in enumerate(bar):
         parts = task.step(x, y)
+        watch.update(batch_idx, parts)
         for k, v in parts.items():
             if k != 'grad_norm':
                 sums[k] = sums.get(k, 0.) + v.float() * x.shape[0]
@@ -494,6 +500,7 @@ def train_one_epoch(epoch, task: TrainTask, loader, scheduler, accelerator, args
         if scheduler is not None:
             scheduler.step_update(num_updates=task.num_updates)
         if batch_idx % args.log_interval == 0 or batch_idx == num_batches - 1:
+            watch.check(epoch, num_batches, accelerator)
             lr = task.optimizer.param_groups[0]['lr']
             bar.set_postfix(loss=f"{parts['loss'].item():.4f}", lr=f'{lr:.3g}')
             _logger.info(
@@ -504,6 +511,38 @@ def train_one_epoch(epoch, task: TrainTask, loader, scheduler, accelerator, args
     keys = sorted(sums)
     totals = accelerator.reduce(torch.stack([sums[k] for k in keys] + [count]), reduction='sum')
     return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
+
+
+class NonFiniteLossWatch:
+    """ The first step of an epoch whose loss is NaN/inf, with its loss parts. Kept on the device, so
+    steps need no host sync; ``check`` (at log lines) syncs and raises TrainingDiverged, on every
+    process alike. """
+
+    def __init__(self, device):
+        self.step = torch.full((1,), -1, dtype=torch.long, device=device)
+        self.names: List[str] = []
+        self.values: Optional[torch.Tensor] = None
+
+    def update(self, step: int, parts: Dict[str, torch.Tensor]):
+        self.names = [k for k in parts if k != 'grad_norm']
+        values = torch.stack([parts[k].float().reshape(()) for k in self.names])
+        first = (self.step < 0) & ~torch.isfinite(parts['loss'].float().reshape(1))
+        self.step = torch.where(first, torch.full_like(self.step, step), self.step)
+        self.values = values if self.values is None else torch.where(first, values, self.values)
+
+    def check(self, epoch: int, num_batches: int, accelerator):
+        steps = accelerator.gather(self.step).tolist()  # any process: all stop together
+        bad = [(p, st) for p, st in enumerate(steps) if st >= 0]
+        if not bad:
+            return
+        process, step = min(bad, key=lambda b: b[1])
+        where = f'epoch {epoch}, step {step} of {num_batches}'
+        if len(steps) > 1:
+            where += f' on process {process}'
+        parts = ''
+        if self.step.item() >= 0:
+            parts = ': ' + ', '.join(f'{k} {v:.4g}' for k, v in zip(self.names, self.values.tolist()))
+        raise TrainingDiverged(f'loss is not finite at {where}{parts}')
 
 
 def _topk_correct(logits: torch.Tensor, y: torch.Tensor):
@@ -568,24 +607,22 @@ def read_summary(path: str, start_epoch: int) -> List[dict]:
 
 
 def write_summary(path: str, rows: List[dict]):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    gpd_checkpoint.write_atomic(path, write)
 
 
 def export_student(source: nn.Module, gpd: bool, output_dir: str, data_config: dict, label_names):
-    """ Write the plain timm student as student.safetensors + config.json (timm Hub layout). """
+    """ Write the plain timm student as student.safetensors + config.json (timm Hub layout), through
+    the writer hfhub.publish uses too; non-finite weights are refused. """
     student = source.extract_student() if gpd else deepcopy(source).eval()
-    # cloned so no two entries share storage, which safetensors refuses
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()}
-    safetensors.torch.save_file(tensors, os.path.join(output_dir, 'student.safetensors'))
-    model_config = {'label_names': label_names} if label_names else {}
-    preprocessing = {k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')}
-    save_config_for_hf(student, os.path.join(output_dir, 'config.json'), model_config=model_config,
-                       data_config=preprocessing)
+    try:
+        gpd_checkpoint.export_student(student, output_dir, data_config, label_names, 'student.safetensors')
+    except gpd_checkpoint.NonFiniteWeightsError as e:
+        raise TrainingDiverged(f'{e}; nothing exported') from e
 
 
 # ---------------------------------------------------------------- main
@@ -682,7 +719,7 @@ def make_output_dir(args) -> str:
 
 
 def checkpoint_state(args, epoch: int, model, optimizer, scheduler, model_ema, accelerator, rng, metric,
-                     data_config: dict) -> dict:
+                     data_config: dict, label_names: Optional[List[str]] = None) -> dict:
     """ The training checkpoint of docs/CONTRACTS.md. """
     _, h, w = data_config['input_size']
     state = {
@@ -699,6 +736,10 @@ def checkpoint_state(args, epoch: int, model, optimizer, scheduler, model_ema, a
         'num_classes': args.num_classes,
         'in_chans': data_config['input_size'][0],
         'img_size': h if h == w else [h, w],
+        # what the exported student's config.json records, so hfhub.publish writes the same one
+        'data_config': dict(data_config),
+        'label_names': list(label_names) if label_names else None,
+        'env': run_environment(accelerator.device, accelerator.num_processes, accelerator.mixed_precision),
     }
     if model_ema is not None:
         state['state_dict_ema'] = model_ema.module.state_dict()
@@ -709,6 +750,25 @@ def checkpoint_state(args, epoch: int, model, optimizer, scheduler, model_ema, a
     return state
 
 
+def ckpt_path_exists(output_dir: Optional[str]) -> bool:
+    return output_dir is not None and os.path.isfile(os.path.join(output_dir, 'last.pth'))
+
+
+@contextmanager
+def divergence_report(output_dir: Optional[str], saved: dict):
+    """ Adds to a TrainingDiverged error what is left on disk: the last good checkpoint, no export. """
+    try:
+        yield
+    except TrainingDiverged as e:
+        if output_dir is None:  # not the main process
+            raise
+        if saved.get('epoch') is not None:
+            kept = f'last good checkpoint: {os.path.join(output_dir, "last.pth")} (epoch {saved["epoch"]})'
+        else:
+            kept = 'no checkpoint was written'
+        raise TrainingDiverged(f'{e}; {kept}; no student exported') from e
+
+
 def main(argv=None):
     """ Train; returns the trained (unwrapped) model, handy for scripts and tests. """
     args = parse_args(argv)
@@ -717,19 +777,29 @@ def main(argv=None):
     is_main = accelerator.is_main_process
     set_seed(args.seed)
 
+    check_warmup(args)
     ckpt = read_training_checkpoint(args.resume) if args.resume else None
+    # the model is built before the dataset is opened (a folder scan can take minutes), so that a
+    # bad --gpd-ratio or a model GPD cannot widen fails at once
+    built = None
+    if args.num_classes is not None:
+        if ckpt is not None:
+            check_resume_compatible(args, ckpt, args.num_classes)
+        built = build_model(args, args.num_classes, resuming=ckpt is not None)
+    elif args.gpd:
+        with torch.random.fork_rng(devices=[]):  # a trial build: the real one must draw the same weights
+            build_model(args, TRIAL_NUM_CLASSES, resuming=True)
     train_ds, val_ds = build_datasets(args)
     label_names = class_names(train_ds)
-    args.num_classes = args.num_classes or (len(label_names) if label_names else None)
-    if args.num_classes is None:
-        raise UsageError('cannot tell the number of classes from the dataset: pass --num-classes')
-    if ckpt is not None:
-        check_resume_compatible(args, ckpt, args.num_classes)
-
-    student = create_student(args, args.num_classes, resuming=ckpt is not None)
-    data_config = resolve_data(args, student)
-    model = wrap_gpd(student, args) if args.gpd else student
-    del student
+    if built is None:
+        args.num_classes = len(label_names) if label_names else None
+        if args.num_classes is None:
+            raise UsageError('cannot tell the number of classes from the dataset: pass --num-classes')
+        if ckpt is not None:
+            check_resume_compatible(args, ckpt, args.num_classes)
+        built = build_model(args, args.num_classes, resuming=ckpt is not None)
+    model, data_config = built
+    del built
     dynamic_teacher = args.gpd and model.has_teacher
     if args.eval_metric.startswith(('dt_', 'gap_')) and not dynamic_teacher:
         raise UsageError(f'--eval-metric {args.eval_metric} needs a dynamic teacher (--gpd without --gpd-cbr-only)')
@@ -796,7 +866,8 @@ def main(argv=None):
     ema_module = model_ema.module if model_ema is not None else None
     metric_key = f'ema_{args.eval_metric}' if model_ema is not None and args.eval_metric in ('top1', 'top5') \
         else args.eval_metric
-    with logging_redirect_tqdm():
+    saved = {'epoch': start_epoch - 1 if ckpt_path_exists(output_dir) else None}
+    with logging_redirect_tqdm(), divergence_report(output_dir, saved):
         for epoch in range(start_epoch, num_epochs):
             t0 = time.time()
             train_loader.set_epoch(epoch)
@@ -814,6 +885,11 @@ def main(argv=None):
                 scheduler.step(epoch + 1, metric)
             _logger.info(f'Epoch {epoch}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
 
+            for name, module in (('model', unwrapped), ('EMA model', ema_module)):
+                bad = non_finite_tensors(module) if module is not None else []
+                if bad:
+                    raise TrainingDiverged(f'the {name} has non-finite weights after epoch {epoch} '
+                                           f'({len(bad)} tensors, first: {bad[0]})')
             rng_states = gather_object([get_rng_state()])
             if is_main:
                 row = {'epoch': epoch, 'lr': lr, 'epoch_time': round(time.time() - t0, 3)}
@@ -826,10 +902,11 @@ def main(argv=None):
                 is_best = best_metric is None or (metric < best_metric if lower_is_better else metric > best_metric)
                 best_metric = metric if is_best else best_metric
                 state = checkpoint_state(args, epoch, unwrapped, optimizer, scheduler, model_ema, accelerator,
-                                         rng_states, best_metric, data_config)
+                                         rng_states, best_metric, data_config, label_names)
                 save_atomic(state, os.path.join(output_dir, 'last.pth'))
                 if is_best:
                     save_atomic(state, os.path.join(output_dir, 'model_best.pth'))
+                saved['epoch'] = epoch
             accelerator.wait_for_everyone()
 
     if is_main:
@@ -840,8 +917,12 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    exit_on_sigterm()  # a kill runs the cleanup of half-written files instead of leaving *.tmp behind
     try:
         main()
     except UsageError as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f'train.py: error: training diverged: {e}', file=sys.stderr)
+        sys.exit(3)

@@ -29,8 +29,9 @@ from timm.data import create_dataset, create_transform
 from timm.models import parse_model_name, resolve_model_input_args
 
 from hfhub.cache import explain_model_errors
-from hfhub.checkpoint import CheckpointError, build_model, is_gpd_model, load_checkpoint, load_weights
 from hfhub.export import data_config_from_args
+from timm_gpd.checkpoint import (
+    CheckpointError, build_model, check_checkpoint, is_gpd_model, load_weights, read_weights, state_dict_of)
 
 _logger = logging.getLogger('validate')
 
@@ -116,7 +117,6 @@ def _check_matches(model: torch.nn.Module, args, source: str) -> None:
 
 
 def _load_student_weights(path: Path, args) -> torch.nn.Module:
-    from safetensors.torch import load_file
     if path.is_dir():
         found = [path / n for n in STUDENT_WEIGHT_FILES if (path / n).is_file()]
         if not found:
@@ -125,11 +125,7 @@ def _load_student_weights(path: Path, args) -> torch.nn.Module:
     else:
         folder, weights = path.parent, path
     model = _create_named_model(args, pretrained=False) if args.model else _student_folder_model(folder, weights, args)
-    try:
-        state_dict = load_file(str(weights), device='cpu')
-    except Exception as e:
-        raise CheckpointError(f'Cannot read {weights}: {type(e).__name__}: {e}') from e
-    load_weights(model, state_dict, str(weights))
+    load_weights(model, read_weights(weights, 'student weights'), str(weights))
     return model
 
 
@@ -159,15 +155,15 @@ def load_eval_model(args) -> Tuple[torch.nn.Module, Dict[str, Any]]:
         raise FileNotFoundError(f'Checkpoint not found: {path}')
     if path.is_dir() or path.suffix == '.safetensors':
         return _load_student_weights(path, args).eval(), {}
+    content = read_weights(path)
     try:
-        checkpoint = load_checkpoint(path)
+        checkpoint = check_checkpoint(content, path, hint='for a plain state dict, pass --model ARCH too')
     except CheckpointError:
         if not args.model:
             raise
         # a plain state dict / timm checkpoint for --model
         model = _create_named_model(args, pretrained=False)
-        state_dict = timm.models.load_state_dict(str(path), use_ema=args.use_ema)
-        load_weights(model, state_dict, str(path))
+        load_weights(model, state_dict_of(content, use_ema=args.use_ema), str(path))
         return model.eval(), {}
     return _load_train_checkpoint(path, checkpoint, args)
 

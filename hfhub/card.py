@@ -1,14 +1,16 @@
-"""Model card (README.md with YAML front matter) for a student published from a train.py run."""
-import csv
+"""Model card (README.md) for a student published from a train.py run, built with huggingface_hub's
+ModelCard / ModelCardData / EvalResult so the Hub renders its metadata and metrics."""
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-__all__ = ['RunRecord', 'read_run', 'epoch_metrics', 'headline_metrics', 'wall_time', 'card_metadata', 'render_card',
-           'parse_front_matter']
+from timm_gpd.checkpoint import read_summary
+
+__all__ = ['RunRecord', 'read_run', 'epoch_metrics', 'headline_metrics', 'wall_time', 'card_data', 'render_card']
 
 _logger = logging.getLogger(__name__)
 
@@ -48,20 +50,6 @@ class RunRecord:
         return self.args.get('dataset')
 
 
-def _number(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except (TypeError, ValueError):
-            pass
-    return text
-
-
-def _read_summary(path: Path) -> List[Dict[str, Any]]:
-    with path.open(newline='') as f:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def read_run(checkpoint_path: Path, checkpoint: Dict[str, Any], ema: bool = False) -> RunRecord:
     """Collect args (args.yaml beside the checkpoint, else the checkpoint's copy) and summary.csv rows."""
     run_dir = Path(checkpoint_path).parent
@@ -70,8 +58,7 @@ def read_run(checkpoint_path: Path, checkpoint: Dict[str, Any], ema: bool = Fals
     if args_file.is_file():
         # the file train.py wrote is the exact record; the checkpoint copy may be normalized
         args, args_source = yaml.safe_load(args_file.read_text()) or {}, 'args.yaml'
-    summary_file = run_dir / 'summary.csv'
-    summary = _read_summary(summary_file) if summary_file.is_file() else []
+    summary = read_summary(run_dir / 'summary.csv')
     if not summary:
         _logger.warning('No summary.csv beside %s: the model card will have no metrics.', checkpoint_path)
     return RunRecord(
@@ -131,33 +118,27 @@ def _method(run: RunRecord) -> str:
     return f'GPD, dynamic teacher ratio {run.gpd.get("ratio")}'
 
 
-def card_metadata(run: RunRecord, repo_id: str, license: str) -> Dict[str, Any]:
-    """YAML front matter: the Hub's model card metadata, including model-index results."""
+def card_data(run: RunRecord, repo_id: str, license: str) -> ModelCardData:
+    """The card's metadata: library, license, tags, datasets, and the headline metrics as eval results."""
     tags = ['image-classification', 'timm', 'timm-gpd']
     if run.gpd is not None or _teacher(run):
         tags += ['knowledge-distillation']
     if run.gpd is not None:
         tags += ['gap-preserving-distillation']
-    meta = dict(library_name='timm', license=license, pipeline_tag='image-classification', tags=tags)
-    dataset_id = _HF_DATASET_IDS.get((run.dataset or '').lower(), run.dataset)
+    dataset_id = _HF_DATASET_IDS.get((run.dataset or '').lower(), run.dataset) or None
     split = run.args.get('val_split') or 'validation'
     if (run.dataset or '').lower() in _HF_DATASET_IDS:
         # torchvision's non-train split of these datasets is what their Hub copies call 'test'
         split = 'train' if split in ('train', 'training') else 'test'
-    if dataset_id:
-        meta['datasets'] = [dataset_id]
-    results = headline_metrics(run)
-    if results:
-        meta['metrics'] = ['accuracy']
-        meta['model-index'] = [dict(
-            name=repo_id.split('/')[-1],
-            results=[dict(
-                task=dict(type='image-classification', name='Image Classification'),
-                dataset=dict(name=dataset_id or 'unknown', type=dataset_id or 'unknown', split=split),
-                metrics=[dict(type='accuracy', name=name, value=value) for name, value in results.items()],
-            )],
-        )]
-    return meta
+    results = [
+        EvalResult(task_type='image-classification', task_name='Image Classification',
+                   dataset_type=dataset_id or 'unknown', dataset_name=dataset_id or 'unknown', dataset_split=split,
+                   metric_type='accuracy', metric_name=name, metric_value=value)
+        for name, value in headline_metrics(run).items()]
+    return ModelCardData(
+        library_name='timm', license=license, pipeline_tag='image-classification', tags=tags,
+        datasets=[dataset_id] if dataset_id else None, metrics=['accuracy'] if results else None,
+        model_name=repo_id.split('/')[-1] if results else None, eval_results=results or None)
 
 
 def _details(run: RunRecord, student_info: Dict[str, Any]) -> List[Tuple[str, Any]]:
@@ -183,6 +164,8 @@ def _details(run: RunRecord, student_info: Dict[str, Any]) -> List[Tuple[str, An
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return ''
     return f'{value:.4g}' if isinstance(value, float) else str(value)
 
 
@@ -195,17 +178,15 @@ def _summary_table(summary: List[Dict[str, Any]]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def render_card(run: RunRecord, repo_id: str, license: str, student_info: Optional[Dict[str, Any]] = None) -> str:
-    """The full README.md: YAML front matter, details, usage, exact args, per-epoch summary, citation."""
+def render_card(run: RunRecord, repo_id: str, license: str, student_info: Optional[Dict[str, Any]] = None) -> ModelCard:
+    """The model card: metadata (``card_data``), details, usage, exact args, per-epoch summary, citation."""
     student_info = student_info or {}
     name = repo_id.split('/')[-1]
-    metrics = epoch_metrics(run)
-    front = yaml.safe_dump(card_metadata(run, repo_id, license), sort_keys=False, allow_unicode=True)
+    metrics = {k: v for k, v in epoch_metrics(run).items() if v is not None}
     details = '\n'.join(f'- **{k}:** {v}' for k, v in _details(run, student_info))
     results = '\n'.join(f'- {k}: {v}' for k, v in metrics.items()) or '- not logged'
     args_yaml = yaml.safe_dump(run.args, sort_keys=True, allow_unicode=True).rstrip()
-    return f"""---
-{front}---
+    body = f"""
 # Model card for {name}
 
 A `{run.arch}` image classifier trained with timm-gpd ({_method(run)}) and exported as a plain timm
@@ -240,13 +221,4 @@ Exact arguments of the run (from `{run.args_source}`):
 {_CITATION}
 ```
 """
-
-
-def parse_front_matter(text: str) -> Tuple[Dict[str, Any], str]:
-    """Split a model card into its YAML metadata and Markdown body."""
-    if not text.startswith('---\n'):
-        raise ValueError('Model card has no YAML front matter (must start with a --- line).')
-    end = text.find('\n---\n', 4)
-    if end < 0:
-        raise ValueError('Model card front matter is not closed by a --- line.')
-    return yaml.safe_load(text[4:end]) or {}, text[end + 5:]
+    return ModelCard(f'---\n{card_data(run, repo_id, license).to_yaml()}\n---\n{body}')

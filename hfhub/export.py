@@ -1,18 +1,19 @@
-"""Write an extracted student in timm's Hub layout (model.safetensors + config.json)."""
+"""What a published student's config.json needs from a run: its eval preprocessing and class names.
+
+train.py records both in the checkpoint (``data_config``, ``label_names``); for checkpoints without
+them they are rebuilt from the run's arguments, train.py's config.json, or a torchvision dataset.
+The writer itself is ``timm_gpd.checkpoint.export_student``, shared with train.py.
+"""
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torchvision import datasets
 from timm.data import resolve_input_data_config
-from timm.models import save_for_hf
 
-__all__ = ['data_config_from_args', 'label_names_for', 'published_pretrained_cfg', 'save_student']
+__all__ = ['data_config_from_args', 'label_names_for', 'run_data_config', 'run_label_names']
 
-# describe the weights they came with; wrong once the student is retrained
-_SOURCE_WEIGHT_KEYS = ('tag', 'license', 'paper_ids', 'paper_name', 'origin_url', 'notes', 'label_names',
-                       'label_descriptions', 'test_input_size', 'test_crop_pct', 'test_pool_size')
 _TORCH_CLASS_NAMED = {'mnist': datasets.MNIST, 'kmnist': datasets.KMNIST, 'fashion_mnist': datasets.FashionMNIST}
 _DATA_ARG_KEYS = ('img_size', 'input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
 
@@ -31,7 +32,10 @@ def label_names_for(run_dir: Union[str, Path], dataset: Optional[str], num_class
     config_file = Path(run_dir) / 'config.json'
     names = None
     if config_file.is_file():
-        names = json.loads(config_file.read_text()).get('label_names')
+        try:
+            names = json.loads(config_file.read_text()).get('label_names')
+        except (ValueError, AttributeError):
+            names = None  # not train.py's: ignore it
     if not names and dataset and dataset.lower().startswith('torch/'):
         # only the MNIST family declares its classes on the class; the others read them from disk
         ds_class = _TORCH_CLASS_NAMED.get(dataset.split('/', 1)[1].lower())
@@ -39,31 +43,14 @@ def label_names_for(run_dir: Union[str, Path], dataset: Optional[str], num_class
     return list(names) if names and len(names) == num_classes else None
 
 
-def published_pretrained_cfg(student: torch.nn.Module, tag: str, license: str) -> Dict[str, Any]:
-    """The student's pretrained_cfg minus what described the stock weights, plus our tag and license."""
-    cfg = {k: v for k, v in student.pretrained_cfg.items() if k not in _SOURCE_WEIGHT_KEYS}
-    cfg.update(tag=tag, license=license)
-    return cfg
+def run_data_config(checkpoint: Dict[str, Any], student: torch.nn.Module, args: Dict[str, Any]) -> Dict[str, Any]:
+    """The preprocessing train.py evaluated with: recorded in the checkpoint, else resolved from its args."""
+    if checkpoint.get('data_config'):
+        return dict(checkpoint['data_config'])
+    return data_config_from_args(student, dict(args, img_size=checkpoint.get('img_size')))
 
 
-def save_student(
-        student: torch.nn.Module,
-        out_dir: Union[str, Path],
-        data_config: Dict[str, Any],
-        tag: str,
-        license: str,
-        label_names: Optional[Sequence[str]] = None,
-) -> Path:
-    """model.safetensors + config.json loadable by timm.create_model('hf-hub:...' / 'local-dir:...').
-
-    The student's pretrained_cfg is replaced by the published one, so the object in memory describes
-    the same weights as the folder.
-    """
-    student.pretrained_cfg = published_pretrained_cfg(student, tag, license)
-    model_config = {}
-    if label_names:
-        if len(label_names) != student.num_classes:
-            raise ValueError(f'{len(label_names)} label names for a {student.num_classes}-class head.')
-        model_config['label_names'] = list(label_names)
-    save_for_hf(student, out_dir, model_config=model_config, safe_serialization=True, data_config=data_config)
-    return Path(out_dir)
+def run_label_names(checkpoint: Dict[str, Any], run_dir: Union[str, Path], dataset: Optional[str]) -> Optional[List[str]]:
+    if checkpoint.get('label_names'):
+        return list(checkpoint['label_names'])
+    return label_names_for(run_dir, dataset, checkpoint['num_classes'])

@@ -10,6 +10,9 @@ import torch
 import timm
 import yaml
 
+from timm_gpd.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
+from timm_gpd.checkpoint import read_summary as read_run_summary
+
 def randomize_bn_stats(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Non-default BN running stats, so a test notices when a loader drops or swaps them."""
     gen = torch.Generator().manual_seed(seed)
@@ -49,21 +52,27 @@ def write_run(
         ema_state: Optional[Dict[str, torch.Tensor]] = None,
         args: Optional[Dict[str, Any]] = None,
         epochs: int = 3,
+        env: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """A train.py output folder by hand (docs/CONTRACTS.md): last.pth, args.yaml, summary.csv."""
+    """A train.py output folder by hand (docs/CONTRACTS.md): last.pth, args.yaml, summary.csv.
+
+    Only the keys every checkpoint has (no ``env``, ``data_config``, ``label_names`` unless given):
+    what train.py itself records is tested on real runs (``shared_train_run``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     args = args or train_args(arch, epochs=epochs)
     rows = summary_rows(epochs, ema=ema_state is not None)
     checkpoint = dict(
-        format='timm-gpd-checkpoint', version=1, epoch=epochs - 1, arch=arch, args=args,
+        format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, epoch=epochs - 1, arch=arch, args=args,
         state_dict=model.state_dict(), optimizer={}, scheduler={}, rng={'torch': torch.get_rng_state()},
         metric=rows[-1]['eval_top1'], num_classes=args['num_classes'], in_chans=args['in_chans'],
-        img_size=args['img_size'], env=dict(hardware='cpu (2 cores)'))
+        img_size=args['img_size'])
+    if env is not None:
+        checkpoint['env'] = env
     if gpd is not None:
         checkpoint['gpd'] = gpd
     if ema_state is not None:
         checkpoint['state_dict_ema'] = ema_state
-    torch.save(checkpoint, run_dir / 'last.pth')
+    save_atomic(checkpoint, run_dir / 'last.pth')
     (run_dir / 'args.yaml').write_text(yaml.safe_dump(args))
     with (run_dir / 'summary.csv').open('w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -81,16 +90,6 @@ def make_stock_run(run_dir: Path, arch: str = 'resnet18', seed: int = 0, with_em
         ema_state = ema.state_dict()
     return write_run(run_dir, model, arch, ema_state=ema_state)
 
-
-def gpd_available() -> bool:
-    try:
-        import timm_gpd
-        return hasattr(timm_gpd, 'GPDModel')
-    except ImportError:
-        return False
-
-
-needs_gpd = pytest.mark.skipif(not gpd_available(), reason='timm_gpd.GPDModel not importable yet')
 
 GPD_KWARGS = dict(ratio=2.0, cbr=True, cbr_only=False, cbr_init='scratch', noise=0.01, seed=0)
 GPD_ARCH = 'test_resnet'  # timm's tiny ResNet: the GPD code path of resnet18 at a fraction of the cost
@@ -178,6 +177,5 @@ def shared_train_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path, 
     return _TRAIN_RUNS['run']
 
 
-def read_summary(run_dir: Path) -> List[Dict[str, float]]:
-    with (run_dir / 'summary.csv').open(newline='') as f:
-        return [{k: float(v) for k, v in row.items() if v != ''} for row in csv.DictReader(f)]
+def read_summary(run_dir: Path) -> List[Dict[str, Any]]:
+    return read_run_summary(run_dir / 'summary.csv')

@@ -47,10 +47,16 @@ def train_steps(model, in_chans=3, steps=2, lr=0.05, img=32, batch=4, seed=0):
 @pytest.mark.parametrize('ratio', [2, 3, 1.5])
 @pytest.mark.parametrize('name', list(ENTRYPOINTS))
 def test_teacher_equals_student_at_init(name, ratio, cbr, in_chans):
-    torch.manual_seed(0)
+    from family_helpers import make_student
+    from timm_gpd.models._builder import create_gpd_student, wrap_gpd_student
+    # the entrypoint's student with random norms and stats: timm zero-inits the last BN gamma of each
+    # residual block, which would hide every residual branch from the comparison
+    student = make_student(
+        lambda num_classes, **kw: create_gpd_student(name, num_classes=num_classes, in_chans=in_chans, **kw),
+        ENTRYPOINTS[name])
+    assert any(m.weight.abs().min() > 0 for m in student.modules() if isinstance(m, nn.BatchNorm2d))
     # the construction check is what this test does itself, in both modes
-    model = timm.create_model(name, num_classes=10, in_chans=in_chans, gpd_ratio=ratio, gpd_cbr=cbr,
-                              gpd_check=False, **ENTRYPOINTS[name])
+    model = wrap_gpd_student(name, student, ratio=ratio, cbr=cbr, check=False)
     assert isinstance(model, timm_gpd.GPDModel)
     # batch x final spatial size must exceed 2 or train-mode BatchNorm of 2 values is +-1 by fp noise
     x = torch.randn(4, in_chans, 64, 64)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+import timm
 import timm_gpd
 from family_helpers import FAMILIES, FAMILY_IDS, TINY_REGNET, assert_same_function, make_student, sgd_steps
 from timm_gpd.reparam.branches import CBRConv2d
@@ -41,16 +42,70 @@ def test_onnx_runtime_matches_pytorch(extracted, tmp_path):
     assert_same_function(expected, got)
 
 
-def test_reparameterize_model_leaves_extracted_student_unchanged(extracted):
+def _tiny_byobnet(block_type: str) -> nn.Module:
+    """A two-stage RepVGG ('rep') or MobileOne ('one') ByobNet: train-time multi-branch blocks that
+    timm's reparameterize_model fuses; pretrained_cfg as timm gives its repvgg / mobileone models."""
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+    cfg = ByoModelCfg(blocks=(ByoBlockCfg(type=block_type, d=1, c=16, s=1),
+                              ByoBlockCfg(type=block_type, d=1, c=32, s=2, gs=1 if block_type == 'one' else 0)),
+                      stem_type=block_type, stem_chs=16, num_features=0)
+    model = make_student(lambda num_classes: ByobNet(cfg, num_classes=num_classes), {})
+    model.pretrained_cfg = timm.models.get_pretrained_cfg(
+        'repvgg_a0' if block_type == 'rep' else 'mobileone_s0').to_dict()
+    return model
+
+
+@pytest.mark.parametrize('block_type', ['rep', 'one'])
+def test_reparameterize_model_fuses_extracted_student(block_type):
+    """An extracted student deploys like the stock model: timm's reparameterize_model fuses its
+    RepVGG / MobileOne branches, and the fused model computes what the GPD student does."""
     from timm.utils import reparameterize_model
-    plain = extracted
+    model = timm_gpd.GPDModel(_tiny_byobnet(block_type), ratio=2)
+    sgd_steps(model, torch.randn(8, 3, 32, 32), steps=1)
+    plain = model.extract_student()
     fused = reparameterize_model(plain)
-    before, after = plain.state_dict(), fused.state_dict()
-    assert list(after) == list(before)
-    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(isinstance(m, CBRConv2d) for m in plain.modules())
+    # the branches are gone: one conv per block left
+    assert len(fused.state_dict()) < len(plain.state_dict()) / 2
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(fused(x), plain(x))
+        assert_same_function(model.eval()(x), fused(x), rel=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_gpd_model_builds_on_a_low_precision_student(dtype):
+    """The construction check runs in fp32 on float copies; the DT and the student keep the dtype."""
+    student = make_student('resnet18d', dict(layers=(1, 1, 1, 1))).to(dtype)
+    model = timm_gpd.GPDModel(student, ratio=2)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    plain = model.extract_student()
+    assert {p.dtype for p in plain.parameters()} == {dtype}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.float().eval()(x)
+        err = (plain.float()(x) - reference).abs().max().item()
+    # the branches were merged in low precision: a few of its units of rounding
+    eps = torch.finfo(dtype).eps
+    assert err <= 16 * eps * reference.abs().max().item(), err
+
+
+def _not_channels_last(model: nn.Module):
+    return [n for n, p in model.named_parameters()
+            if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1
+            and not p.is_contiguous(memory_format=torch.channels_last)]
+
+
+def test_channels_last_is_kept_by_the_dt_and_the_extracted_student():
+    student = make_student('resnet18d', dict(layers=(1, 1, 1, 1))).to(memory_format=torch.channels_last)
+    assert student.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    model = timm_gpd.GPDModel(student, ratio=2)
+    assert _not_channels_last(model.teacher) == []
+    sgd_steps(model, torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last), steps=1)
+    plain = model.extract_student()
+    assert _not_channels_last(plain) == []
+    # and a contiguous student stays contiguous
+    assert timm_gpd.GPDModel(make_student('resnet18d', dict(layers=(1, 1, 1, 1))), ratio=2) \
+        .teacher.conv1[0].weight.is_contiguous()
 
 
 class _Mode(nn.Module):

@@ -8,17 +8,23 @@ import pytest
 import timm
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file as safetensors_load
 from torchvision.datasets import FashionMNIST
 
 from hfhub import cache as hub_cache
-from hfhub.card import parse_front_matter
-from hfhub.checkpoint import CheckpointError, build_model, extract_student, load_checkpoint
-from hfhub.publish import main as publish_main, publish
-from hub_helpers import (GPD_ARCH, FakeHfApi, make_stock_run, needs_gpd, offline_hub, read_summary, shared_gpd_run,
+from hfhub.publish import PublishError, main as publish_main, publish
+from hub_helpers import (GPD_ARCH, FakeHfApi, make_stock_run, offline_hub, read_summary, shared_gpd_run,
                          shared_train_run, summary_rows, train_args, write_run)
+from timm_gpd.checkpoint import CheckpointError, build_model, extract_student, hardware_description, load_checkpoint
 
 REPO_ID = 'gpd-test/resnet18.gpd_fmnist'
+
+
+def parse_card(path):
+    """(metadata, body) of a model card, read back by huggingface_hub as the Hub does."""
+    card = ModelCard.load(path)
+    return card.data.to_dict(), card.text
 
 
 @pytest.fixture(scope='module')
@@ -51,11 +57,12 @@ def test_dry_run_writes_timm_hub_layout(published):
     assert cfg['input_size'] == [1, 32, 32]
     # the run's preprocessing, not the ImageNet weights' it started from
     assert cfg['mean'] == [0.286] and cfg['std'] == [0.353] and cfg['interpolation'] == 'bilinear'
-    assert cfg['tag'] == 'gpd_fmnist' and 'paper_ids' not in cfg
+    # it describes the trained student, not the stock weights its architecture has in timm
+    assert not {'tag', 'license', 'paper_ids', 'paper_name', 'origin_url'} & set(cfg)
 
 
 def test_model_card_front_matter_and_metrics(published, stock_run):
-    meta, body = parse_front_matter((published / 'README.md').read_text())
+    meta, body = parse_card(published / 'README.md')
     assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0'
     assert {'timm', 'image-classification'} <= set(meta['tags'])
     assert meta['datasets'] == ['zalando-datasets/fashion_mnist']
@@ -64,7 +71,8 @@ def test_model_card_front_matter_and_metrics(published, stock_run):
     assert metrics == {'Top-1 accuracy': last['eval_top1'], 'Top-5 accuracy': last['eval_top5']}
     args_block = body.split('```yaml\n', 1)[1].split('```', 1)[0]
     assert yaml.safe_load(args_block) == yaml.safe_load((stock_run.parent / 'args.yaml').read_text())
-    assert '**Seed:** 42' in body and '**Hardware:** cpu (2 cores)' in body
+    # a hand-made checkpoint has no env record (train.py's runs do: see the real-run test)
+    assert '**Seed:** 42' in body and '**Hardware:** not recorded' in body
     assert f'**Wall time:** 0h 03m 08s ({sum(r["epoch_time"] for r in summary_rows(3)):.1f} s' in body
     assert f"hf-hub:{REPO_ID}" in body
 
@@ -174,30 +182,111 @@ def test_ema_weights_are_published_by_default(tmp_path):
     assert torch.equal(live_model.state_dict()[key], checkpoint['state_dict'][key])
     # the card reports what train.py logged for the EMA student, not for the live one
     ema_row = summary_rows(3, ema=True)[-1]
-    meta, _ = parse_front_matter((ema_dir / 'README.md').read_text())
+    meta, _ = parse_card(ema_dir / 'README.md')
     values = [m['value'] for m in meta['model-index'][0]['results'][0]['metrics']]
     assert values == [ema_row['eval_ema_top1'], ema_row['eval_ema_top5']]
-    meta, _ = parse_front_matter((live_dir / 'README.md').read_text())
+    meta, _ = parse_card(live_dir / 'README.md')
     values = [m['value'] for m in meta['model-index'][0]['results'][0]['metrics']]
     assert values == [ema_row['eval_top1'], ema_row['eval_top5']]
 
 
+def _bad_files(tmp_path, stock_run):
+    """Files a user may pass by mistake, and what the one-line error must say about each."""
+    data = stock_run.read_bytes()
+    files = {
+        'missing.pth': (None, 'does not exist'),
+        'empty.pth': (b'', 'is empty'),
+        'random.pth': (bytes(range(256)) * 64, 'is truncated or not a PyTorch file'),
+        'truncated.pth': (data[:len(data) // 2], 'is truncated or not a PyTorch file'),
+        'empty.safetensors': (b'', 'is empty'),
+        'random.safetensors': (bytes(range(256)) * 64, 'not a timm-gpd checkpoint'),
+    }
+    paths = {}
+    for name, (content, message) in files.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        paths[name] = (path, message)
+    return paths
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path, stock_run):
-    with pytest.raises(FileNotFoundError, match='missing.pth'):
-        publish(tmp_path / 'missing.pth', REPO_ID, dry_run=tmp_path / 'out')
-    corrupt = tmp_path / 'corrupt.pth'
-    corrupt.write_bytes(b'not a checkpoint')
-    with pytest.raises(CheckpointError, match='Cannot read checkpoint'):
-        publish(corrupt, REPO_ID, dry_run=tmp_path / 'out')
+    for name, (path, message) in _bad_files(tmp_path, stock_run).items():
+        with pytest.raises(CheckpointError) as info:
+            publish(path, REPO_ID, dry_run=tmp_path / 'out')
+        text = str(info.value)
+        assert str(path) in text and '\n' not in text, name
+        if name != 'random.safetensors':
+            assert message in text, (name, text)
     plain = tmp_path / 'plain.pth'
     torch.save(timm.create_model('resnet18', num_classes=10).state_dict(), plain)
-    with pytest.raises(CheckpointError, match='not a timm-gpd checkpoint'):
+    with pytest.raises(CheckpointError, match='not a timm-gpd checkpoint') as info:
         publish(plain, REPO_ID, dry_run=tmp_path / 'out')
+    assert '--model' not in str(info.value)  # publish has no --model option to point to
     checkpoint = torch.load(stock_run, weights_only=True)
     checkpoint['num_classes'] = 5
     torch.save(checkpoint, tmp_path / 'five.pth')
     with pytest.raises(CheckpointError, match='num_classes=5'):
         publish(tmp_path / 'five.pth', REPO_ID, dry_run=tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()  # nothing half-written
+
+
+def test_cli_reports_bad_checkpoints_in_one_line(tmp_path, stock_run, subprocess_env, repo_root):
+    for name, (path, message) in _bad_files(tmp_path, stock_run).items():
+        if name not in ('empty.pth', 'random.pth', 'random.safetensors'):
+            continue  # one process each: the three that escaped as tracebacks
+        proc = subprocess.run([sys.executable, '-m', 'hfhub.publish', '--checkpoint', str(path), '--repo-id', REPO_ID,
+                               '--dry-run', str(tmp_path / 'out')], cwd=repo_root, env=subprocess_env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('python -m hfhub.publish: error: '), (name, proc.stderr)
+        assert str(path) in lines[0] and 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('repo_id', ['bad repo/na me!!', 'a/b/c', '../../etc', 'org/name.git', 'org/a--b', ''])
+def test_invalid_repo_id_is_refused(tmp_path, stock_run, repo_id):
+    with pytest.raises(PublishError, match='invalid --repo-id'):
+        publish(stock_run, repo_id, dry_run=tmp_path / 'out')
+    with pytest.raises(PublishError, match='invalid --repo-id'):
+        publish(stock_run, repo_id, api=FakeHfApi())
+    assert not (tmp_path / 'out').exists()
+
+
+def test_dry_run_never_replaces_files_it_did_not_write(tmp_path, stock_run, capsys):
+    out = tmp_path / 'mine'
+    out.mkdir()
+    (out / 'README.md').write_text('my notes')
+    (out / 'notes.txt').write_text('keep me')
+    argv = ['--checkpoint', str(stock_run), '--repo-id', REPO_ID, '--dry-run', str(out)]
+    assert publish_main(argv) == 2
+    err = capsys.readouterr().err
+    assert 'already has README.md' in err and '--overwrite' in err
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'notes.txt']
+    assert (out / 'README.md').read_text() == 'my notes'
+
+    (out / 'README.md').unlink()
+    assert publish_main(argv) == 0  # other files in the folder do not stop it, and are not listed as written
+    printed = capsys.readouterr().out
+    assert 'README.md, config.json, model.safetensors' in printed and 'notes.txt' not in printed
+    assert (out / 'notes.txt').read_text() == 'keep me'
+    assert publish_main(argv) == 2  # a second run would replace the first one's files
+    capsys.readouterr()
+    before = (out / 'model.safetensors').stat().st_mtime_ns
+    assert publish_main(argv + ['--overwrite']) == 0
+    assert (out / 'model.safetensors').stat().st_mtime_ns >= before
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors', 'notes.txt']
+
+
+def test_card_is_a_huggingface_hub_model_card(published):
+    card = ModelCard.load(published / 'README.md')
+    last = summary_rows(3)[-1]
+    results = {r.metric_name: r for r in card.data.eval_results}
+    assert results['Top-1 accuracy'].metric_value == last['eval_top1']
+    assert results['Top-5 accuracy'].metric_value == last['eval_top5']
+    assert {r.task_type for r in results.values()} == {'image-classification'}
+    assert {r.dataset_type for r in results.values()} == {'zalando-datasets/fashion_mnist'}
+    assert card.data.model_name == REPO_ID.split('/')[-1]
 
 
 def test_label_names_come_from_the_run_folder(tmp_path):
@@ -218,17 +307,16 @@ def test_card_without_summary_still_publishes(tmp_path):
     ckpt = write_run(tmp_path / 'exp', model, 'resnet18')
     (ckpt.parent / 'summary.csv').unlink()
     out = publish(ckpt, REPO_ID, dry_run=tmp_path / 'out')
-    meta, body = parse_front_matter((out / 'README.md').read_text())
+    meta, body = parse_card(out / 'README.md')
     assert 'model-index' not in meta and 'No summary.csv' in body
 
 
-@needs_gpd
 def test_gpd_checkpoint_publishes_stock_student(tmp_path, tmp_path_factory, monkeypatch):
     ckpt = shared_gpd_run(tmp_path_factory)
     repo_id = f'gpd-test/{GPD_ARCH}.gpd_fmnist'
     out = publish(ckpt, repo_id, dry_run=tmp_path / 'out')
     assert json.loads((out / 'config.json').read_text())['architecture'] == GPD_ARCH
-    meta, body = parse_front_matter((out / 'README.md').read_text())
+    meta, body = parse_card(out / 'README.md')
     assert 'gap-preserving-distillation' in meta['tags']
     assert 'ratio 2.0' in body and '`resnet34`' in body
 
@@ -243,7 +331,6 @@ def test_gpd_checkpoint_publishes_stock_student(tmp_path, tmp_path_factory, monk
         assert torch.allclose(model(x), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
-@needs_gpd
 def test_publish_real_train_run_and_pull_from_cache(fashion_mnist_root, subprocess_env, tmp_path_factory, tmp_path,
                                                     monkeypatch):
     ckpt = shared_train_run(tmp_path_factory, fashion_mnist_root, subprocess_env)
@@ -251,7 +338,7 @@ def test_publish_real_train_run_and_pull_from_cache(fashion_mnist_root, subproce
     out = tmp_path / 'out'
     publish_main(['--checkpoint', str(ckpt), '--repo-id', repo_id, '--dry-run', str(out)])
 
-    meta, body = parse_front_matter((out / 'README.md').read_text())
+    meta, body = parse_card(out / 'README.md')
     logged = read_summary(ckpt.parent)[-1]
     metrics = {m['name']: m['value'] for m in meta['model-index'][0]['results'][0]['metrics']}
     # train.py ran with --model-ema, so the published weights and the headline numbers are the EMA student's
@@ -259,6 +346,7 @@ def test_publish_real_train_run_and_pull_from_cache(fashion_mnist_root, subproce
     args_block = body.split('```yaml\n', 1)[1].split('```', 1)[0]
     assert yaml.safe_load(args_block) == yaml.safe_load((ckpt.parent / 'args.yaml').read_text())
     assert 'ratio 2.0' in body and f'({sum(r["epoch_time"] for r in read_summary(ckpt.parent)):.1f} s' in body
+    assert f'**Hardware:** {hardware_description()}' in body  # train.py records the run's hardware
 
     offline_hub(monkeypatch, tmp_path / 'hf_home')
     hub_cache.place_in_cache(out, repo_id)
@@ -269,3 +357,20 @@ def test_publish_real_train_run_and_pull_from_cache(fashion_mnist_root, subproce
     with torch.no_grad():
         assert torch.equal(pulled(x), _student(ckpt, use_ema=True)(x))
         assert torch.equal(pulled(x), exported(x))
+
+
+def test_train_export_and_publish_write_the_same_config(fashion_mnist_root, subprocess_env, tmp_path_factory,
+                                                       tmp_path):
+    """train.py's student folder and hfhub.publish's folder come from one writer: same config.json."""
+    ckpt = shared_train_run(tmp_path_factory, fashion_mnist_root, subprocess_env)
+    out = publish(ckpt, f'gpd-test/{GPD_ARCH}.gpd_fmnist', dry_run=tmp_path / 'out')
+    trained = json.loads((ckpt.parent / 'config.json').read_text())
+    published = json.loads((out / 'config.json').read_text())
+    assert published == trained
+    assert trained['architecture'] == GPD_ARCH and trained['num_classes'] == 10
+    assert trained['model_args']['in_chans'] == 1 and trained['label_names'] == FashionMNIST.classes
+    assert not {'tag', 'license', 'paper_ids'} & set(trained['pretrained_cfg'])
+    # and the weights are the same student (EMA: train.py ran with --model-ema)
+    exported = safetensors_load(ckpt.parent / 'student.safetensors')
+    pub = safetensors_load(out / 'model.safetensors')
+    assert exported.keys() == pub.keys() and all(torch.equal(exported[k], pub[k]) for k in exported)

@@ -10,7 +10,8 @@ from torch.func import functional_call
 from .branches import CBR_INITS, convert_to_cbr, merge_cbr
 from .expansion import student_view
 from .widen import (
-    DEFAULT_NOISE, build_wide_model, check_function_preserved, check_input, plan_expansion, validate_ratio,
+    DEFAULT_NOISE, build_wide_model, check_function_preserved, check_input, plan_expansion, uses_channels_last,
+    validate_ratio,
 )
 
 MODES = ('student', 'teacher', 'both')
@@ -80,10 +81,17 @@ class GPDModel(nn.Module):
                     del module._parameters[name]
         self.student = student
         if check:
-            x = check_input(self.teacher, plan.stem)
-            check_function_preserved(_StudentOf(self), self.teacher, x)
+            # in fp32 on float copies: half / bf16 rounding would swamp the fp32 tolerance (and the
+            # check's random input is fp32)
+            low_precision = any(t.is_floating_point() and t.dtype != torch.float32
+                                for t in self.teacher.state_dict().values())
+            checked = copy.deepcopy(self).float() if low_precision else self
+            if reference is not None and low_precision:
+                reference = reference.float()
+            x = check_input(checked.teacher, plan.stem).float()
+            check_function_preserved(_StudentOf(checked), checked.teacher, x)
             if reference is not None:
-                check_function_preserved(reference, _StudentOf(self), x, 'CBR student')
+                check_function_preserved(reference, _StudentOf(checked), x, 'CBR student')
 
     def _check_input(self, model: nn.Module) -> torch.Tensor:
         from .widen import find_stem_and_classifier
@@ -140,6 +148,8 @@ class GPDModel(nn.Module):
             module = plain.get_submodule(path)
             module._parameters[attr] = nn.Parameter(value.detach().clone())
         merge_cbr(plain)
+        if self.teacher is not None and uses_channels_last(self.teacher):
+            plain.to(memory_format=torch.channels_last)  # sliced views and merged kernels come out contiguous
         plain.pretrained_cfg = dict(getattr(self.student, 'pretrained_cfg', None) or {})
         return plain.eval()
 

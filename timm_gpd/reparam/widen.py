@@ -147,12 +147,23 @@ def build_wide_model(
                 scale = float(old.detach().float().std()) * noise
                 extra = symmetry_noise(value, tplan, scale, generator)
                 if extra is not None:
-                    value = value + extra
+                    value = value + extra.to(value.dtype)
             _replace_tensor(module, name, value.contiguous())
         for path, attr, value in plan.attrs:
             setattr(wide.get_submodule(path), attr, value)
     _update_feature_widths(model, wide, plan.classifier)
+    if uses_channels_last(model):
+        wide.to(memory_format=torch.channels_last)  # widening writes contiguous tensors
     return wide
+
+
+def uses_channels_last(model: nn.Module) -> bool:
+    """Whether the model's conv kernels are laid out channels_last (``model.to(memory_format=...)``)."""
+    for p in model.parameters():
+        # the first kernel whose two layouts differ (a k x k kernel over several input channels) tells
+        if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
 
 
 def _in_width(module: nn.Module) -> Optional[int]:
