@@ -18,6 +18,7 @@ import csv
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -31,24 +32,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import timm
-from timm.data import create_dataset, create_transform, resolve_data_config
-from timm.models import load_checkpoint, safe_model_name
+from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
+from timm.loss import SoftTargetCrossEntropy
+from timm.models import load_checkpoint, resolve_model_input_args, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, distribute_bn, get_outdir
+from timm.utils import ModelEmaV3, ParseKwargs, distribute_bn, get_outdir
 
 from timm_gpd.checkpoint import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, exit_on_sigterm, non_finite_tensors,
     read_weights, run_environment, state_dict_of)
 from timm_gpd import checkpoint as gpd_checkpoint
 from timm_gpd.losses import DynamicTeacherKD, kd_loss_from_name
+from timm_gpd.models import create_gpd_student, gpd_student_arch, is_gpd_model_name, wrap_gpd_student
 from timm_gpd.precise_bn import recompute_bn_stats
-from timm_gpd.task import TrainTask
+from timm_gpd.task import RenormalizedTeacher, TrainTask
 
 _logger = logging.getLogger('train')
 
@@ -97,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Model parameters')
     group.add_argument('--model', default='resnet18', type=str, metavar='MODEL',
-                       help='name of the (stock timm) student model')
+                       help='the student: a stock timm name (GPD with --gpd), or a gpd_* name (always GPD, '
+                            'e.g. gpd_resnet18 trains resnet18)')
     group.add_argument('--pretrained', action='store_true', default=False,
-                       help='start the student from pretrained weights')
+                       help='start the student from pretrained weights (for gpd_* names: those of the tag, '
+                            'e.g. gpd_resnet18 -> resnet18.a1_in1k)')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='extra student constructor kwargs, KEY=VALUE ... (timm\'s create_model kwargs)')
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                        help='load this stock-student checkpoint before training (fine-tune)')
     group.add_argument('--resume', default='', type=str, metavar='PATH',
@@ -123,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help='validation batch size (default: --batch-size)')
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate')
+    group.add_argument('--grad-checkpointing', action='store_true', default=False,
+                       help='activation checkpointing (of the DT under --gpd: see GPDModel.set_grad_checkpointing)')
+    group.add_argument('--channels-last', action='store_true', default=False,
+                       help='use channels_last memory layout')
+    group.add_argument('--sync-bn', action='store_true', default=False,
+                       help='synchronized BatchNorm across processes (torch SyncBatchNorm: GPU processes only)')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                       help='compile the model with torch.compile and this backend (default: inductor), '
+                            'through Accelerate')
 
     group = parser.add_argument_group('Static teacher / KD parameters')
     group.add_argument('--teacher', default='', type=str, metavar='MODEL', help='static teacher timm model name')
@@ -155,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay')
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
                        help='clip gradient norm (default: 5 with --gpd, else none)')
+    group.add_argument('--layer-decay', type=float, default=None,
+                       help='layer-wise learning rate decay (default: None)')
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                       help='the number of steps to accumulate gradients (default: 1)')
 
     group = parser.add_argument_group('Learning rate schedule parameters')
     group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler')
@@ -181,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help='random resize aspect ratio')
     group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip training aug probability')
     group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter factor')
+    group.add_argument('--aa', type=str, default=None, metavar='NAME',
+                       help='AutoAugment / RandAugment policy, e.g. "rand-m9-mstd0.5-inc1" or "v0" (default: None)')
+    group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob (default: 0.)')
+    group.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
+    group.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
+    group.add_argument('--mixup', type=float, default=0.0,
+                       help='mixup alpha, mixup enabled if > 0. (default: 0.)')
+    group.add_argument('--cutmix', type=float, default=0.0,
+                       help='cutmix alpha, cutmix enabled if > 0. (default: 0.)')
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                       help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+    group.add_argument('--mixup-prob', type=float, default=1.0,
+                       help='probability of performing mixup or cutmix when either/both is enabled')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                       help='probability of switching to cutmix when both mixup and cutmix enabled')
+    group.add_argument('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'),
+                       help='how to apply mixup/cutmix params: per "batch", "pair", or "elem"')
+    group.add_argument('--mixup-off-epoch', type=int, default=0, metavar='N',
+                       help='turn off mixup after this epoch, disabled if 0 (default: 0)')
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
 
     group = parser.add_argument_group('Model exponential moving average parameters')
@@ -206,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                             '(0: off; the EMA model keeps its own)')
     group.add_argument('--dist-bn', type=str, default='reduce', choices=('reduce', 'broadcast', ''),
                        help='before eval, average ("reduce") or copy from rank 0 ("broadcast") BatchNorm stats')
+    group.add_argument('--checkpoint-hist', type=int, default=0, metavar='N',
+                       help='also keep the N best epochs as checkpoint-EPOCH.pth (by --eval-metric; 0: off, '
+                            'timm\'s default is 10)')
+    group.add_argument('--log-wandb', action='store_true', default=False,
+                       help='log training and validation metrics to wandb (needs `pip install wandb`)')
     group.add_argument('--eval-metric', default='top1',
                        choices=('top1', 'top5', 'loss', 'dt_top1', 'dt_top5', 'gap_top1'),
                        help='metric that picks model_best.pth (of the EMA student with --model-ema)')
@@ -230,6 +274,8 @@ def parse_args(argv=None):
         if args.in_chans is not None and args.in_chans != args.input_size[0]:
             parser.error(f'--in-chans {args.in_chans} disagrees with --input-size {args.input_size}')
         args.in_chans = args.input_size[0]
+    check_model_args(parser, args)
+    check_recipe_args(parser, args)
     if args.clip_grad is None and args.gpd:
         args.clip_grad = 5.0
     if args.precise_bn < 0:
@@ -241,6 +287,36 @@ def parse_args(argv=None):
     if args.pretrained and args.initial_checkpoint:
         parser.error('use either --pretrained or --initial-checkpoint, not both')
     return args
+
+
+def check_model_args(parser, args):
+    """ A gpd_* --model means GPD training of its student; the wrapper's options come from the
+    --gpd-* flags only, so no two flags can disagree about them. """
+    if is_gpd_model_name(args.model):
+        args.gpd = True
+    passed = sorted(k for k in args.model_kwargs if k.startswith('gpd_'))
+    if passed:
+        flags = {'gpd_ratio': '--gpd-ratio', 'gpd_cbr': '--no-gpd-cbr', 'gpd_cbr_only': '--gpd-cbr-only',
+                 'gpd_noise': '--gpd-noise', 'gpd_seed': '--gpd-seed',
+                 'gpd_cbr_init': '--pretrained / --initial-checkpoint (fine-tune init)'}
+        parser.error(f'--model-kwargs {", ".join(passed)}: the GPD wrapper is set by the --gpd-* flags, use '
+                     + ', '.join(flags.get(k, k) for k in passed) + ' instead')
+    if args.gpd_cbr_only and args.no_gpd_cbr:
+        parser.error('--gpd-cbr-only trains the student with CBR branches alone: it cannot go with --no-gpd-cbr')
+
+
+def check_recipe_args(parser, args):
+    if args.grad_accum_steps < 1:
+        parser.error(f'--grad-accum-steps takes a number of steps >= 1, got {args.grad_accum_steps}')
+    if mixup_active(args) and args.batch_size % 2:
+        parser.error(f'--mixup / --cutmix mix pairs of images: --batch-size must be even, got {args.batch_size}')
+    if args.checkpoint_hist < 0:
+        parser.error(f'--checkpoint-hist takes a number of checkpoints >= 0, got {args.checkpoint_hist}')
+    if args.log_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            parser.error('--log-wandb needs the wandb package, which is not installed (pip install wandb)')
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -415,23 +491,45 @@ def gpd_kwargs(args) -> dict:
     )
 
 
+def student_arch(args) -> str:
+    """ The stock timm architecture trained: --model, or the student of a gpd_* --model. """
+    return gpd_student_arch(args.model) if is_gpd_model_name(args.model) else args.model
+
+
+def student_kwargs(args, num_classes: int) -> dict:
+    kwargs = dict(num_classes=num_classes, in_chans=args.in_chans or 3, drop_rate=args.drop)
+    if args.drop_path is not None:
+        kwargs['drop_path_rate'] = args.drop_path
+    if args.img_size is not None or args.input_size is not None:
+        # only architectures built for one input size (ViT) take img_size as a constructor argument
+        resolved = resolve_model_input_args(
+            student_arch(args), args={'img_size': args.img_size, 'input_size': args.input_size}, **kwargs)
+        if 'img_size' in resolved:
+            kwargs['img_size'] = resolved['img_size']
+    kwargs.update(args.model_kwargs)
+    return kwargs
+
+
 def create_student(args, num_classes: int, resuming: bool) -> nn.Module:
-    """ The stock timm student; with --pretrained / --initial-checkpoint its starting weights. """
-    extra = {} if args.drop_path is None else dict(drop_path_rate=args.drop_path)
-    student = timm.create_model(
-        args.model,
-        pretrained=args.pretrained and not resuming,  # a resumed run takes every weight from the checkpoint
-        num_classes=num_classes,
-        in_chans=args.in_chans or 3,
-        drop_rate=args.drop,
-        **extra,
-    )
+    """ The stock timm student; with --pretrained / --initial-checkpoint its starting weights. A gpd_*
+    --model gives its student (pretrained: the weights its tag names). """
+    pretrained = args.pretrained and not resuming  # a resumed run takes every weight from the checkpoint
+    kwargs = student_kwargs(args, num_classes)
+    try:
+        if is_gpd_model_name(args.model):
+            student = create_gpd_student(args.model, pretrained=pretrained, **kwargs)
+        else:
+            student = timm.create_model(args.model, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # e.g. a --model-kwargs key the architecture does not take
+        raise UsageError(f'cannot build --model {args.model} with {kwargs}: {e}') from e
     if args.initial_checkpoint and not resuming:
         load_student_weights(student, args.initial_checkpoint)
     return student
 
 
 def wrap_gpd(student: nn.Module, args) -> nn.Module:
+    if is_gpd_model_name(args.model):
+        return wrap_gpd_student(args.model, student, **gpd_kwargs(args))  # with the gpd_* model's cfg
     import timm_gpd  # the core is only needed for GPD runs
     return timm_gpd.GPDModel(student, **gpd_kwargs(args))
 
@@ -464,7 +562,7 @@ def check_warmup(args):
 
 def check_resume_compatible(args, ckpt: dict, num_classes: int):
     problems = []
-    if ckpt['arch'] != args.model:
+    if ckpt['arch'] != student_arch(args):
         problems.append(f"it trains {ckpt['arch']}, not --model {args.model}")
     if bool(ckpt.get('gpd')) != args.gpd:
         problems.append('it was trained ' + ('with' if ckpt.get('gpd') else 'without') + ' --gpd')
@@ -490,8 +588,9 @@ def train_one_epoch(epoch, task: TrainTask, loader, scheduler, accelerator, args
     num_batches = len(loader)
     bar = tqdm(loader, desc=f'epoch {epoch}', disable=not accelerator.is_main_process, leave=False, dynamic_ncols=True)
     watch = NonFiniteLossWatch(accelerator.device)
+    task.set_epoch(epoch)
     for batch_idx, (x, y) in enumerate(bar):
-        parts = task.step(x, y)
+        parts = task.step(x, y, batch_idx, num_batches)
         watch.update(batch_idx, parts)
         for k, v in parts.items():
             if k != 'grad_norm':
@@ -640,7 +739,12 @@ def make_accelerator(args) -> Accelerator:
         on_cpu = PartialState().device.type == 'cpu'
         mixed_precision = 'bf16' if on_cpu or args.amp_dtype == 'bfloat16' else 'fp16'
     dataloader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed)
-    return Accelerator(mixed_precision=mixed_precision, dataloader_config=dataloader_config)
+    extra = {}
+    if args.torchcompile:
+        extra['dynamo_backend'] = args.torchcompile  # Accelerate compiles the model in prepare()
+    return Accelerator(mixed_precision=mixed_precision, dataloader_config=dataloader_config,
+                       gradient_accumulation_steps=args.grad_accum_steps,
+                       log_with='wandb' if args.log_wandb else None, **extra)
 
 
 def build_loaders(args, data_config: dict, train_ds, val_ds):
@@ -648,8 +752,9 @@ def build_loaders(args, data_config: dict, train_ds, val_ds):
     mode = 'L' if data_config['input_size'][0] == 1 else 'RGB'
     train_tf = create_transform(
         data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
-        hflip=args.hflip, color_jitter=args.color_jitter, interpolation=data_config['interpolation'],
-        mean=data_config['mean'], std=data_config['std'])
+        hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount)
     eval_tf = create_transform(**data_config, is_training=False)
     train_tf.transforms.insert(0, ConvertImageMode(mode))
     eval_tf.transforms.insert(0, ConvertImageMode(mode))
@@ -670,12 +775,29 @@ def build_loaders(args, data_config: dict, train_ds, val_ds):
     return train_loader, val_loader, bn_loader
 
 
+def mixup_active(args) -> bool:
+    return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+
+
 def build_task(args, model, optimizer, accelerator, dynamic_teacher: bool, teacher, model_ema) -> TrainTask:
     kd = None
     if teacher is not None:
         kd = kd_loss_from_name(args.kd_loss, alpha=args.kd_alpha, beta=args.kd_beta, temperature=args.kd_temperature)
+    mixup_fn = None
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+    if mixup_active(args):
+        # timm's train.py: Mixup makes smoothed soft targets, the CE takes them as they are
+        mixup_fn = Mixup(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=args.num_classes)
+        criterion = SoftTargetCrossEntropy()
     return TrainTask(
-        model, optimizer, nn.CrossEntropyLoss(label_smoothing=args.smoothing),
+        model, optimizer, criterion,
+        mixup_fn=mixup_fn,
+        mixup_off_epoch=args.mixup_off_epoch,
+        grad_accum_steps=args.grad_accum_steps,
+        channels_last=args.channels_last,
         accelerator=accelerator,
         dynamic_teacher=dynamic_teacher,
         static_teacher=teacher,
@@ -710,6 +832,82 @@ def restore_training_state(args, ckpt: dict, model: nn.Module, model_ema, optimi
     return ckpt['epoch'] + 1, ckpt['metric'], ckpt['rng']
 
 
+def renormalized_teacher(args, teacher: nn.Module, data_config: dict) -> nn.Module:
+    """ The static teacher reading the student's batches: pretrained weights expect their own
+    mean/std (their pretrained_cfg; the input is renormalized, as timm's DistillationTeacher does);
+    a --teacher-checkpoint is taken to be trained on this data, normalized as the student is. """
+    mean, std = data_config['mean'], data_config['std']
+    if args.teacher_checkpoint:
+        wrapped = RenormalizedTeacher(teacher, mean, std, teacher_mean=mean, teacher_std=std)
+    else:
+        wrapped = RenormalizedTeacher(teacher, mean, std)
+    if wrapped.renormalizes:
+        _logger.info(f'Static teacher input renormalized from mean {tuple(mean)} / std {tuple(std)} to its own '
+                     f'{tuple(wrapped.teacher.mean_kd.flatten().tolist())} / '
+                     f'{tuple(wrapped.teacher.std_kd.flatten().tolist())}')
+    return wrapped
+
+
+def prepare_model_layout(args, model: nn.Module, accelerator) -> nn.Module:
+    """ --grad-checkpointing, --sync-bn, --channels-last (before the optimizer sees the parameters). """
+    if accelerator.distributed_type == DistributedType.FSDP and args.gpd:
+        # FSDP gathers a module's parameters only around that module's own forward; the student
+        # reads the DT's parameters outside of it (its weights are views of them), and FSDP gives
+        # no CPU processes to test a whole-model unit with: refused rather than untested
+        raise UsageError('FSDP is not supported for GPD training (the student\'s weights are views of the '
+                         'dynamic teacher\'s, read outside the DT\'s forward); use DDP: accelerate launch '
+                         '--multi_gpu (see README, Scale-out)')
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.sync_bn:
+        if accelerator.num_processes == 1:
+            _logger.info('--sync-bn: one process, nothing to synchronize')
+        elif accelerator.device.type == 'cpu':
+            raise UsageError('--sync-bn needs GPU processes: torch\'s SyncBatchNorm does not run on CPU')
+        else:
+            model = convert_sync_batchnorm(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """ timm's SyncBatchNorm conversion; for a GPDModel, of the DT and of the student, whose norm
+    layers hold no parameters of their own (they are views of the DT's): placeholders let timm's
+    converter run, then leave again. """
+    from timm.layers import convert_sync_batchnorm as timm_convert
+    if not getattr(model, 'has_teacher', False):
+        return timm_convert(model)
+    model.teacher = timm_convert(model.teacher)
+    shared = set(model._shared)
+    placeholders = []
+    for path, module in model.student.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            for attr in ('weight', 'bias'):
+                if f'{path}.{attr}' in shared and attr not in module._parameters:
+                    module._parameters[attr] = nn.Parameter(torch.empty(module.num_features))
+                    placeholders.append(f'{path}.{attr}')
+    model.student = timm_convert(model.student)
+    for name in placeholders:
+        path, _, attr = name.rpartition('.')
+        del model.student.get_submodule(path)._parameters[attr]
+    return model
+
+
+def keep_checkpoint_history(output_dir: str, epoch: int, rows: List[dict], metric_key: str, keep: int):
+    """ --checkpoint-hist: last.pth of this epoch also as checkpoint-EPOCH.pth; only the `keep` best
+    epochs (by the eval metric, ties: the later) keep theirs. """
+    path = os.path.join(output_dir, f'checkpoint-{epoch}.pth')
+    tmp = f'{path}.tmp'
+    shutil.copyfile(os.path.join(output_dir, 'last.pth'), tmp)
+    os.replace(tmp, path)
+    sign = 1. if 'loss' in metric_key else -1.  # lower loss / higher accuracy first
+    ranked = sorted(((sign * float(r[f'eval_{metric_key}']), -int(r['epoch'])) for r in rows
+                     if os.path.exists(os.path.join(output_dir, f'checkpoint-{int(r["epoch"])}.pth'))))
+    for _, neg_epoch in ranked[keep:]:
+        os.remove(os.path.join(output_dir, f'checkpoint-{-neg_epoch}.pth'))
+
+
 def make_output_dir(args) -> str:
     if args.resume and not args.experiment:
         return os.path.dirname(os.path.abspath(args.resume))  # continue in the checkpoint's own folder
@@ -726,7 +924,7 @@ def checkpoint_state(args, epoch: int, model, optimizer, scheduler, model_ema, a
         'format': CHECKPOINT_FORMAT,
         'version': CHECKPOINT_VERSION,
         'epoch': epoch,
-        'arch': args.model,
+        'arch': student_arch(args),  # the stock student's timm name, also for a gpd_* --model
         'args': vars(args),
         'state_dict': model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -807,21 +1005,25 @@ def main(argv=None):
     num_train, num_val = len(train_loader.dataset), len(val_loader.dataset)
     teacher = None
     if args.teacher:
-        teacher = create_static_teacher(args, args.num_classes, data_config['input_size'][0]).to(accelerator.device)
+        teacher = renormalized_teacher(
+            args, create_static_teacher(args, args.num_classes, data_config['input_size'][0]), data_config
+        ).to(accelerator.device)
 
-    global_batch = args.batch_size * accelerator.num_processes
+    global_batch = args.batch_size * accelerator.num_processes * args.grad_accum_steps
     if args.lr is None:
         args.lr = args.lr_base * global_batch / args.lr_base_size
         _logger.info(f'Learning rate {args.lr:.4g} from --lr-base {args.lr_base} at global batch {global_batch}')
+    model = prepare_model_layout(args, model, accelerator)
+    # --layer-decay / --weight-decay groups from the model's group_matcher() / no_weight_decay()
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if bn_loader is not None:
         bn_loader = accelerator.prepare(bn_loader)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if len(train_loader) == 0:
         raise UsageError(f'no full training batch: {num_train} images for batch size {args.batch_size} '
                          f'x {accelerator.num_processes} processes')
-    updates_per_epoch = len(train_loader)
+    updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
     model_ema = None
@@ -854,6 +1056,8 @@ def main(argv=None):
                      f'{"static teacher " + args.teacher + ", " if teacher is not None else ""}'
                      f'{accelerator.num_processes} process(es) on {accelerator.device.type}, '
                      f'{num_train} train / {num_val} val images, {num_epochs} epochs')
+    if args.log_wandb:
+        accelerator.init_trackers(args.experiment or os.path.basename(output_dir or 'timm-gpd'), config=vars(args))
 
     # after every model / loader construction, so the random streams match an uninterrupted run
     if rng_states is not None and len(rng_states) == accelerator.num_processes:
@@ -897,6 +1101,8 @@ def main(argv=None):
                 row.update({f'eval_{k}': v for k, v in eval_metrics.items()})
                 rows.append(row)
                 write_summary(os.path.join(output_dir, 'summary.csv'), rows)
+                if args.log_wandb:
+                    accelerator.log({k: v for k, v in row.items() if k != 'epoch'}, step=epoch)
 
                 lower_is_better = 'loss' in metric_key
                 is_best = best_metric is None or (metric < best_metric if lower_is_better else metric > best_metric)
@@ -906,12 +1112,16 @@ def main(argv=None):
                 save_atomic(state, os.path.join(output_dir, 'last.pth'))
                 if is_best:
                     save_atomic(state, os.path.join(output_dir, 'model_best.pth'))
+                if args.checkpoint_hist:
+                    keep_checkpoint_history(output_dir, epoch, rows, metric_key, args.checkpoint_hist)
                 saved['epoch'] = epoch
             accelerator.wait_for_everyone()
 
     if is_main:
         export_student(ema_module or unwrapped, args.gpd, output_dir, data_config, label_names)
         _logger.info(f'Done. Best {metric_key}: {best_metric}. Student written to {output_dir}/student.safetensors')
+    if args.log_wandb:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return unwrapped
 
