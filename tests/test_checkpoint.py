@@ -1,7 +1,7 @@
 """The checkpoint contract (timm_gpd.checkpoint) and what train.py does with it: atomic writes that
 leave no temporary file, one-line errors for bad files from every entry point, divergence that
 stops a run without losing its last good checkpoint, and the early, clear refusals of bad settings."""
-import os
+import random
 import signal
 import subprocess
 import sys
@@ -27,7 +27,8 @@ def _bad_files(tmp_path):
     contents = {
         'missing.pth': (None, 'does not exist'),
         'empty.pth': (b'', 'is empty'),
-        'random.pth': (bytes(range(256)) * 16, 'is truncated or not a PyTorch file'),
+        # these bytes end torch.load in IndexError('pop from empty list'), not in an UnpicklingError
+        'random.pth': (random.Random(2).randbytes(4096), 'is truncated or not a PyTorch file'),
         'truncated.pth': (data[:len(data) // 2], 'is truncated or not a PyTorch file'),
         'missing.safetensors': (None, 'does not exist'),
         'empty.safetensors': (b'', 'is empty'),
@@ -186,6 +187,7 @@ def test_warmup_that_covers_every_epoch_is_refused(train_module, tmp_path):
 @pytest.mark.parametrize('extra, message', [
     (['--gpd', '--gpd-ratio', '0.5'], 'gpd_ratio must be a finite number > 1'),
     (['--gpd', '--model', 'densenet121'], 'features.denseblock1 (DenseBlock) concatenates'),
+    (['--gpd', '--gpd-ratio', '0.5', '--num-classes', '10'], 'gpd_ratio must be a finite number > 1'),
 ])
 def test_gpd_errors_come_before_the_dataset(train_module, tmp_path, extra, message):
     argv = train_argv(tmp_path / 'no_data', tmp_path / 'out', *extra)  # a missing dataset would fail later
