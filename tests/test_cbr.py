@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import timm_gpd
-from timm_gpd.reparam.branches import CBRConv2d, convert_to_cbr, is_cbr_candidate
+from timm_gpd.reparam.branches import BRANCHES, CBRConv2d, convert_to_cbr, is_cbr_candidate
+from timm_gpd.reparam.expansion import ChannelMap
 
 
 def _random_branches(m: CBRConv2d, seed=0):
@@ -18,8 +19,8 @@ def _random_branches(m: CBRConv2d, seed=0):
 
 def _branch_outputs(m: CBRConv2d, x):
     """The five branches run literally on the activations (the definition of the module)."""
-    conv = lambda inp, w, groups=m.groups: nn.functional.conv2d(inp, w, None, 1, m.padding, m.dilation, groups)
-    kh, kw = m.kernel_size
+    def conv(inp, w, groups=m.groups):
+        return nn.functional.conv2d(inp, w, None, m.stride, m.padding, m.dilation, groups)
     s = m.scales[:, None, :, None, None]
     out = s[0] * conv(x, m.weight)
     avg = m.w_avg[..., None, None] * m.avg_kernel
@@ -27,26 +28,46 @@ def _branch_outputs(m: CBRConv2d, x):
     out = out + s[2] * conv(x, m.w_prior[..., None, None] * m.prior_kernel)
     mixed = nn.functional.conv2d(x, (m.mixer + m.mixer_identity)[..., None, None], groups=m.groups)
     out = out + s[3] * conv(mixed, m.w_kxk)
-    dw = nn.functional.conv2d(x, m.w_dw[:, None], None, 1, m.padding, m.dilation, m.in_channels)
+    dw = conv(x, m.w_dw[:, None], m.in_channels)
     out = out + s[4] * nn.functional.conv2d(dw, m.w_pw[..., None, None], groups=m.groups)
-    return out + m.bias[None, :, None, None]
+    return out if m.bias is None else out + m.bias[None, :, None, None]
 
 
-@pytest.mark.parametrize('groups,cin,cout', [(1, 6, 5), (2, 6, 4), (6, 6, 6)])
-def test_merged_kernel_equals_branches_and_both_paths_agree(groups, cin, cout):
-    conv = nn.Conv2d(cin, cout, 3, padding=1, groups=groups)
-    m = _random_branches(CBRConv2d.from_conv(conv, 'scratch'))
-    x = torch.randn(2, cin, 7, 7)
+# every branch alone merged, all merged, none merged (origin on the activations too), origin alone
+PLANS = [frozenset(), frozenset({'origin'}), frozenset(BRANCHES)] + [frozenset({'origin', b}) for b in BRANCHES[1:]]
+CONV_SHAPES = [  # (groups, cin, cout, kernel, stride, padding, dilation, bias)
+    (1, 6, 5, 3, 1, 1, 1, True),
+    (2, 6, 4, 3, 1, 1, 1, False),
+    (6, 6, 6, 3, 1, 1, 1, True),
+    (3, 6, 9, (3, 5), (2, 1), (0, 2), 1, True),
+    (1, 4, 4, 3, 1, 2, 2, True),
+    (2, 4, 6, (5, 3), 2, 'valid', (1, 2), False),
+    (1, 4, 3, 3, 1, 'same', 2, True),
+]
+
+
+@pytest.mark.parametrize('groups,cin,cout,k,stride,padding,dilation,bias', CONV_SHAPES)
+def test_every_plan_computes_the_branches_and_their_gradients(groups, cin, cout, k, stride, padding, dilation, bias):
+    conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=bias)
+    m = _random_branches(CBRConv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups, bias))
+    x = torch.randn(2, cin, 7, 8, dtype=torch.float64, requires_grad=True)
+    m.double()
     reference = _branch_outputs(m, x)
-    torch.testing.assert_close(m(x, merge=True), reference, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(m(x, merge=False), reference, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(m.to_conv()(x), reference, rtol=1e-4, atol=1e-4)
+    g_out = torch.randn_like(reference)
+    ref_grads = torch.autograd.grad(reference, [x, *m.parameters()], g_out)
+    for plan in PLANS:
+        out = m(x, merge=plan)
+        torch.testing.assert_close(out, reference, msg=f'plan {sorted(plan)}')
+        grads = torch.autograd.grad(out, [x, *m.parameters()], g_out)
+        for (name, _), g, r in zip([('input', x), *m.named_parameters()], grads, ref_grads):
+            torch.testing.assert_close(g, r, msg=f'plan {sorted(plan)}: gradient of {name}')
+    torch.testing.assert_close(m.to_conv()(x), reference)
 
 
-def test_cost_model_picks_activations_for_small_maps_and_merging_for_large():
+def test_cost_model_runs_branches_on_small_maps_and_merges_on_large():
     m = CBRConv2d.from_conv(nn.Conv2d(512, 512, 3, padding=1))
-    assert not m.merge_is_cheaper(torch.empty(2, 512, 1, 1))
-    assert m.merge_is_cheaper(torch.empty(32, 512, 28, 28))
+    assert m.plan(torch.empty(2, 512, 1, 1)) == frozenset()
+    assert m.plan(torch.empty(32, 512, 28, 28)) == frozenset(BRANCHES)
 
 
 def test_finetune_init_preserves_a_pretrained_function_exactly():
@@ -101,3 +122,88 @@ def test_cbr_only_mode_has_no_teacher_and_extracts():
 def test_bad_cbr_init_is_refused():
     with pytest.raises(ValueError, match='cbr_init'):
         timm.create_model('gpd_resnet18', num_classes=10, gpd_cbr_init='pretrained')
+
+
+def _tiny_gpd_run(steps=3):
+    """A few fixed-seed GPD steps (SGD, clipping, DT loss) on a tiny ResNet with CBR: the losses,
+    per parameter kind the squared norm of the update and its projection on a fixed random
+    direction, and the extracted student's logits."""
+    from timm_gpd.losses import DynamicTeacherKD
+    from timm_gpd.task import TrainTask
+    torch.manual_seed(0)
+    model = timm_gpd.GPDModel(timm.create_model('test_resnet', num_classes=10), ratio=2.0, seed=0)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    task = TrainTask(model, opt, nn.CrossEntropyLoss(label_smoothing=0.1), dynamic_teacher=True,
+                     dt_loss=DynamicTeacherKD(), clip_grad=5.0)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+        parts = task.step(x, y)
+        losses.append([parts[k].item() for k in ('student_ce', 'student_dt', 'dt_ce', 'loss')])
+    moved, pg = {}, torch.Generator().manual_seed(2)
+    for n, p in model.named_parameters():
+        d = (p.detach() - init[n]).double()
+        acc = moved.setdefault(n.rsplit('.', 1)[-1], [0.0, 0.0])
+        acc[0] += d.square().sum().item()
+        acc[1] += (d * torch.randn(d.shape, generator=pg, dtype=torch.float64)).sum().item()
+    with torch.no_grad():
+        logits = model.extract_student()(torch.randn(2, 3, 32, 32, generator=g))
+    return losses, moved, logits
+
+
+# Recorded with the code before the per-branch cost model and the shared student views
+# (commit 18c2ed3): merging everything or running mix_kxk on the activations, and autograd's
+# slice backward for every student view.
+REFERENCE_LOSSES = [
+    [2.29024076461792, -1.6212283071581624e-07, 2.29024076461792, 4.58048152923584],
+    [2.4500176906585693, 0.0323311910033226, 2.4127743244171143, 4.895123481750488],
+    [2.5609130859375, 0.12400597333908081, 2.5027072429656982, 5.187626361846924]]
+REFERENCE_MOVED = {
+    'weight': [1.4006328680624731, -0.27967994062053403], 'bias': [0.006876660038816711, -0.0019882102990880536],
+    'w_avg': [0.00440756844208039, 0.1212913079422568], 'w_prior': [7.059950329068259e-05, 0.006285965126479828],
+    'mixer': [0.2563820530117306, 1.6997811962034937], 'w_kxk': [1.068421838983644, 0.026249058165750537],
+    'w_dw': [0.0005167920294044169, -0.003380541849053928], 'w_pw': [0.0021446463272115366, -0.001912454379470478],
+    'scales': [0.0919216225296559, 0.0026946734449377905]}
+REFERENCE_LOGITS = [
+    [0.00181632861495018, 0.1705196350812912, -0.08211921900510788, -0.08714131265878677, -0.09900864958763123,
+     0.005278356373310089, 0.2537669539451599, -0.22513447701931, 0.010604064911603928, 0.03420737385749817],
+    [0.014367125928401947, 0.17643260955810547, -0.05616902559995651, -0.0960797592997551, -0.08439110219478607,
+     0.008797707036137581, 0.2516300082206726, -0.23194628953933716, -0.0028872638940811157, 0.023908689618110657]]
+
+
+@pytest.mark.parametrize('plan', ['cost_model', 'merge_all', 'merge_none'])
+def test_training_steps_and_extracted_student_match_the_recorded_run(plan, monkeypatch):
+    if plan != 'cost_model':
+        chosen = frozenset(BRANCHES) if plan == 'merge_all' else frozenset()
+        monkeypatch.setattr(CBRConv2d, 'plan', lambda self, x: chosen)
+    losses, moved, logits = _tiny_gpd_run()
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(REFERENCE_LOSSES), rtol=1e-5, atol=1e-6)
+    assert moved.keys() == REFERENCE_MOVED.keys()
+    for kind, (sq, proj) in moved.items():
+        # the update of each kind of parameter: its size and its direction
+        assert sq == pytest.approx(REFERENCE_MOVED[kind][0], rel=1e-4), kind
+        # the projection is a sum of cancelling terms: its rounding scales with the update's norm
+        assert abs(proj - REFERENCE_MOVED[kind][1]) <= 2e-4 * REFERENCE_MOVED[kind][0] ** 0.5, kind
+    torch.testing.assert_close(logits, torch.tensor(REFERENCE_LOGITS), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('rows,cols', [
+    (ChannelMap.single(4, 2.0), ChannelMap.single(3, 2.0)),  # uniform copies
+    (ChannelMap.single(4, 1.5), ChannelMap.single(3, 1.5)),  # copy counts differ between channels
+    (ChannelMap.segmented(2, 3, 1.5), ChannelMap.identity(3)),  # fused q/k/v rows
+])
+def test_shared_tensor_gives_the_gradients_of_separate_views(rows, cols):
+    from timm_gpd.reparam.expansion import COPY, MIX, TensorPlan, shared_tensor, student_view
+    plan = TensorPlan(((0, rows, COPY), (1, cols, MIX)))
+    wide = torch.randn(rows.wide_size, cols.wide_size, 3, dtype=torch.float64, requires_grad=True)
+    g_wide, g_student = torch.randn(wide.shape, dtype=torch.float64), torch.randn(rows.size, cols.size, 3, dtype=torch.float64)
+    separate = torch.autograd.grad([wide * 1.0, student_view(wide, plan)], wide, [g_wide, g_student])[0]
+    dt, student = shared_tensor(wide, plan)
+    torch.testing.assert_close(student, student_view(wide, plan), rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad([dt, student], wide, [g_wide, g_student])[0], separate)
+    # only the student's view used: the DT's gradient is zero outside the primary block
+    _, student = shared_tensor(wide, plan)
+    torch.testing.assert_close(torch.autograd.grad(student, wide, g_student)[0],
+                               torch.autograd.grad(student_view(wide, plan), wide, g_student)[0])

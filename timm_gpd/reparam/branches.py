@@ -1,8 +1,7 @@
 """Channel-Branch Reparameterization (CBR): a k x k conv trained as several linear branches.
 
-Every branch is linear in its weights, so the sum of branches is one k x k kernel. The
-kernel is merged on every forward (training sees the richer parameterization), and
-extraction writes the merged kernel into a plain ``nn.Conv2d``.
+Every branch is linear in its weights, so the sum of branches is one k x k kernel: training
+sees the richer parameterization, extraction writes the merged kernel into a plain ``nn.Conv2d``.
 
 Branches, each with a learnable per-output-channel scale (``scales[b]``):
 
@@ -12,12 +11,15 @@ Branches, each with a learnable per-output-channel scale (``scales[b]``):
 3. ``mix_kxk`` : 1x1 conv C_in -> C_in (identity + learnable) then a k x k conv.
 4. ``dw_pw``   : depthwise k x k conv then 1x1 pointwise conv.
 
-Branch 3's merge is a matrix product costing O * (C_in/g)^2 * k^2 multiply-adds, which can
-exceed the convolution itself on small batches or feature maps. Per forward, the cheaper of
-merging it and running it on the activations is used; both compute the same function.
+Each branch can run in two ways that compute the same function: merged into the one kernel
+(passes over kernel-sized tensors, plus for mix_kxk a C_out x C_in x C_in product, whatever
+the batch) or on the activations (its own convs, whose cost grows with batch x positions).
+Per forward and per branch the cheaper is used (:func:`cbr_step_costs`, :func:`choose_plan`):
+large feature maps merge everything, small ones (late stages at 32-64 px) run every branch on
+the activations.
 """
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -122,19 +124,22 @@ class CBRConv2d(nn.Module):
     def _grouped(self, t: torch.Tensor, rows: int) -> torch.Tensor:
         return t.reshape(self.groups, rows // self.groups, *t.shape[1:])
 
-    def merge_kernel(self, include_mix_kxk: bool = True) -> torch.Tensor:
-        """The single k x k kernel equal to the scaled sum of the branches."""
+    def merge_kernel(self, branches: Sequence[str] = BRANCHES) -> torch.Tensor:
+        """The single k x k kernel equal to the scaled sum of ``branches`` (origin always included)."""
         s = self.scales
         kernel = s[0][:, None, None, None] * self.weight
         # avg and prior: 1x1 weights times fixed k x k kernels, in one outer product
-        one_by_one = torch.stack([s[1][:, None] * self.w_avg, s[2][:, None] * self.w_prior])
-        fixed = torch.stack([self.avg_kernel, self.prior_kernel])
-        kernel = kernel + torch.einsum('boi,bhw->oihw', one_by_one, fixed)
-        # depthwise then pointwise: K[o, i] = P[o, i] * D[input channel i of o's group]
-        pw = self._grouped(s[4][:, None] * self.w_pw, self.out_channels)  # [g, og, ig]
-        dw = self._grouped(self.w_dw, self.in_channels)  # [g, ig, kh, kw]
-        kernel = kernel + torch.einsum('goi,gihw->goihw', pw, dw).reshape_as(self.weight)
-        if include_mix_kxk:
+        fixed = [(b, w, k) for b, w, k in ((1, self.w_avg, self.avg_kernel), (2, self.w_prior, self.prior_kernel))
+                 if BRANCHES[b] in branches]
+        if fixed:
+            one_by_one = torch.stack([s[b][:, None] * w for b, w, _ in fixed])
+            kernel = kernel + torch.einsum('boi,bhw->oihw', one_by_one, torch.stack([k for _, _, k in fixed]))
+        if 'dw_pw' in branches:
+            # depthwise then pointwise: K[o, i] = P[o, i] * D[input channel i of o's group]
+            pw = self._grouped(s[4][:, None] * self.w_pw, self.out_channels)  # [g, og, ig]
+            dw = self._grouped(self.w_dw, self.in_channels)  # [g, ig, kh, kw]
+            kernel = kernel + torch.einsum('goi,gihw->goihw', pw, dw).reshape_as(self.weight)
+        if 'mix_kxk' in branches:
             kernel = kernel + self._mix_kxk_kernel()
         return kernel
 
@@ -144,28 +149,74 @@ class CBRConv2d(nn.Module):
         kxk = self._grouped(self.scales[3][:, None, None, None] * self.w_kxk, self.out_channels)
         return torch.einsum('gomhw,gmi->goihw', kxk, mixer).reshape_as(self.weight)
 
-    def merge_is_cheaper(self, x: torch.Tensor) -> bool:
-        """Compare multiply-adds of merging the mix_kxk branch vs. running it on ``x``."""
-        kh, kw = self.kernel_size
-        in_per_group = self.in_channels // self.groups
-        merge = self.out_channels * in_per_group * in_per_group * kh * kw
-        positions = x.shape[0] * x.shape[-2] * x.shape[-1]
-        on_activations = positions * (self.in_channels * in_per_group + self.out_channels * in_per_group * kh * kw)
-        return merge <= on_activations
+    def plan(self, x: torch.Tensor) -> FrozenSet[str]:
+        """The branches to merge into the kernel for input ``x``; the others run on the activations.
+
+        Empty: every branch runs on the activations, origin included (its scale then multiplies
+        the conv's output instead of the kernel). See :func:`cbr_step_costs` for the costs compared.
+        """
+        return choose_plan(cbr_step_costs(self, x))
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x: torch.Tensor, merge: Optional[bool] = None) -> torch.Tensor:
+    def _pointwise(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight[..., None, None], None, 1, 0, 1, self.groups)
+
+    def _scaled_conv(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """conv(x, scale * weight), the scale applied to whichever of kernel and output is smaller."""
+        out_numel = x.shape[0] * self.out_channels * math.prod(conv_output_size(self, x))
+        if out_numel < weight.numel():
+            return self._conv(x, weight, None) * scale[:, None, None]
+        return self._conv(x, scale[:, None, None, None] * weight, None)
+
+    def _fixed_kernel_branches(self, x: torch.Tensor, which: Sequence[int]) -> torch.Tensor:
+        """avg / prior on the activations: a 1x1 conv, then each fixed k x k kernel per channel."""
+        s, g, og = self.scales, self.groups, self.out_channels // self.groups
+        weights = {1: self.w_avg, 2: self.w_prior}
+        fixed = {1: self.avg_kernel, 2: self.prior_kernel}
+        # rows ordered (group, branch, channel) so that one grouped 1x1 conv computes all branches
+        one_by_one = torch.stack([self._grouped(s[b][:, None] * weights[b], self.out_channels) for b in which], 1)
+        y = self._pointwise(x, one_by_one.reshape(-1, one_by_one.shape[-1]))
+        spatial = torch.stack([fixed[b] for b in which])[None, :, None].expand(g, -1, og, -1, -1)
+        y = F.conv2d(y, spatial.reshape(-1, 1, *self.kernel_size), None, self.stride, self.padding,
+                     self.dilation, y.shape[1])
+        return y.unflatten(1, (g, len(which), og)).sum(2).flatten(1, 2)
+
+    def _on_activations(self, x: torch.Tensor, branches: Sequence[str]) -> List[torch.Tensor]:
+        s, out = self.scales, []
+        if 'origin' in branches:
+            out.append(self._scaled_conv(x, self.weight, s[0]))
+        fixed = [b for b in (1, 2) if BRANCHES[b] in branches]
+        if fixed:
+            out.append(self._fixed_kernel_branches(x, fixed))
+        if 'mix_kxk' in branches:
+            mixed = self._pointwise(x, self.mixer + self.mixer_identity)
+            out.append(self._scaled_conv(mixed, self.w_kxk, s[3]))
+        if 'dw_pw' in branches:
+            dw = F.conv2d(x, self.w_dw[:, None], None, self.stride, self.padding, self.dilation, self.in_channels)
+            out.append(self._pointwise(dw, s[4][:, None] * self.w_pw))
+        return out
+
+    def forward(self, x: torch.Tensor, merge: Optional[Iterable[str]] = None) -> torch.Tensor:
+        """``merge``: the branches to merge into one kernel (default: the cheaper plan for ``x``,
+        see :meth:`plan`); True / False merge all / none. Every choice computes the same function."""
         if merge is None:
-            merge = self.merge_is_cheaper(x)
+            merge = self.plan(x)
+        elif merge is True or merge is False:
+            merge = BRANCHES if merge else ()
+        merge = frozenset(merge)
         if merge:
-            return self._conv(x, self.merge_kernel(), self.bias)
-        out = self._conv(x, self.merge_kernel(include_mix_kxk=False), self.bias)
-        mixer = (self.mixer + self.mixer_identity)[..., None, None]
-        mixed = F.conv2d(x, mixer, None, 1, 0, 1, self.groups)
-        kxk = self.scales[3][:, None, None, None] * self.w_kxk
-        return out + self._conv(mixed, kxk, None)
+            outs = [self._conv(x, self.merge_kernel(merge | {'origin'}), self.bias)]
+            outs += self._on_activations(x, [b for b in BRANCHES if b not in merge and b != 'origin'])
+        else:
+            outs = self._on_activations(x, BRANCHES)
+            if self.bias is not None:
+                outs[0] = outs[0] + self.bias[:, None, None]
+        out = outs[0]
+        for o in outs[1:]:
+            out = out + o
+        return out
 
     @torch.no_grad()
     def to_conv(self) -> nn.Conv2d:
@@ -184,6 +235,75 @@ class CBRConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
                 f'stride={self.stride}, padding={self.padding}, groups={self.groups}, branches={len(BRANCHES)}')
+
+
+# The cost model's two machine constants. Elementwise passes over kernel- or activation-sized
+# tensors are bound by memory, convolutions by arithmetic: a byte moved is priced at
+# BYTE_COST multiply-add FLOPs. Depthwise convs run far below a dense conv's FLOP rate
+# (mkldnn, CPU): their FLOPs are priced DEPTHWISE_COST times higher. Measured values and the
+# microbenchmark: benchmarks/README.md (step cost).
+BYTE_COST = 16.0
+DEPTHWISE_COST = 20.0
+# Passes over a kernel-sized tensor (reads + writes, forward + backward) that merging a branch
+# adds, as implemented in CBRConv2d.merge_kernel under eager autograd.
+MERGE_PASSES = {'origin': 8, 'avg': 4, 'prior': 4, 'mix_kxk': 14, 'dw_pw': 10}
+
+
+def conv_output_size(m: CBRConv2d, x: torch.Tensor) -> Tuple[int, int]:
+    if isinstance(m.padding, str):
+        if m.padding == 'same':
+            return tuple(x.shape[-2:])
+        padding = (0, 0)
+    else:
+        padding = m.padding
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(x.shape[-2:], padding, m.dilation, m.kernel_size, m.stride))
+
+
+def cbr_step_costs(m: CBRConv2d, x: torch.Tensor) -> Dict[str, Tuple[float, float]]:
+    """Per branch, (merge, on_activations): the cost one training step (forward and backward,
+    weight gradients included) adds for it, beyond the single conv every plan runs.
+
+    Merging costs passes over kernel-sized tensors (plus mix_kxk's matrix product, which does
+    not depend on the batch); running on the activations costs the branch's own convs
+    (FLOPs) and passes over output-sized tensors. Both grow with different things: the kernel
+    with C_out * C_in, the activations with batch x positions.
+    """
+    kh, kw = m.kernel_size
+    k2 = kh * kw
+    o, c_in, ig = m.out_channels, m.in_channels, m.in_channels // m.groups
+    n = x.shape[0]
+    p_in = x.shape[-2] * x.shape[-1]
+    p_out = math.prod(conv_output_size(m, x))
+    kernel_bytes = m.weight.numel() * m.weight.element_size() * BYTE_COST
+    out_bytes = n * o * p_out * x.element_size() * BYTE_COST
+    scale = min(8 * out_bytes, 8 * kernel_bytes)  # the scale goes on the smaller (CBRConv2d._scaled_conv)
+    add = 3 * out_bytes  # one more output summed
+    pointwise_out = 2 * 3 * o * ig * n * p_out  # 1x1 conv at the output, fwd + input and weight grads
+    merge = {b: MERGE_PASSES[b] * kernel_bytes for b in BRANCHES}
+    merge['mix_kxk'] += 2 * 3 * o * ig * ig * k2
+    fixed = 2 * 3 * o * ig * n * p_in + DEPTHWISE_COST * 2 * 2 * o * k2 * n * p_out + 2 * out_bytes + add
+    act = {
+        'origin': scale,
+        'avg': fixed,
+        'prior': fixed,
+        'mix_kxk': 2 * 3 * (c_in * ig * n * p_in + o * ig * k2 * n * p_out) + scale + add,
+        'dw_pw': DEPTHWISE_COST * 2 * 3 * c_in * k2 * n * p_out + pointwise_out + add,
+    }
+    return {b: (merge[b], act[b]) for b in BRANCHES}
+
+
+def choose_plan(costs: Dict[str, Tuple[float, float]]) -> FrozenSet[str]:
+    """Branch by branch the cheaper side; merging anything also pays for the origin's merge,
+    so the result is compared against running every branch on the activations."""
+    others = [b for b in BRANCHES if b != 'origin']
+    merged = frozenset(b for b in others if costs[b][0] < costs[b][1])
+    if not merged:
+        return frozenset()
+    with_merge = costs['origin'][0] + sum(min(costs[b]) for b in others)
+    without = sum(costs[b][1] for b in BRANCHES)
+    return merged | {'origin'} if with_merge < without else frozenset()
 
 
 def is_cbr_candidate(module: nn.Module) -> bool:

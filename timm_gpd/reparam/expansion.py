@@ -173,6 +173,60 @@ def student_view(t: torch.Tensor, plan: TensorPlan) -> torch.Tensor:
     return t
 
 
+def _scatter_into_primary(grad: torch.Tensor, student_grad: torch.Tensor, plan: TensorPlan):
+    """grad[primary block] += the gradient ``student_view`` passes back from ``student_grad``."""
+    pairs = [(grad, student_grad)]
+    for dim, cmap, kind in plan.dims:
+        if not cmap.expanded:
+            continue
+        if kind == MIX:
+            count = cmap.copy_count()
+            scale = float(count) if count is not None else _along(cmap.copies().to(student_grad), dim, grad.ndim)
+            pairs = [(t, s * scale) for t, s in pairs]
+        split = []
+        for t, s in pairs:
+            offset = 0
+            for start, length in cmap.primary_slices():
+                split.append((t.narrow(dim, start, length), s.narrow(dim, offset, length)))
+                offset += length
+        pairs = split
+    for t, s in pairs:
+        t.add_(s)
+
+
+class _SharedTensor(torch.autograd.Function):
+    """A DT tensor and its student view, whose backward adds the student's gradient into the
+    primary block of the DT's instead of building a DT-sized zero tensor around it (what
+    autograd does for a slice) and adding that."""
+
+    @staticmethod
+    def forward(ctx, wide: torch.Tensor, plan: TensorPlan):
+        ctx.plan = plan
+        ctx.wide_meta = (wide.shape, wide.dtype, wide.device)
+        return wide.view_as(wide), student_view(wide, plan)
+
+    @staticmethod
+    def backward(ctx, wide_grad: Optional[torch.Tensor], student_grad: Optional[torch.Tensor]):
+        if student_grad is None:
+            return wide_grad, None
+        if wide_grad is None:
+            shape, dtype, device = ctx.wide_meta
+            grad = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            # a copy, not in place: the engine may hand the same gradient tensor to other nodes
+            grad = wide_grad.clone()
+        _scatter_into_primary(grad, student_grad, plan=ctx.plan)
+        return grad, None
+
+
+def shared_tensor(wide: torch.Tensor, plan: TensorPlan) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the DT tensor, its student view) for a forward that uses both: one gradient reaches
+    ``wide``, the student's added into the primary block (the same values autograd gives for
+    ``wide`` and ``student_view(wide, plan)`` used separately, with fewer passes over DT-sized
+    tensors)."""
+    return _SharedTensor.apply(wide, plan)
+
+
 def symmetry_noise(wide: torch.Tensor, plan: TensorPlan, std: float, generator: torch.Generator) -> Optional[torch.Tensor]:
     """Noise for a DT tensor that leaves both the DT function and the student view unchanged.
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from .branches import CBR_INITS, convert_to_cbr, merge_cbr
-from .expansion import student_view
+from .expansion import shared_tensor, student_view
 from .widen import (
     DEFAULT_NOISE, build_wide_model, check_function_preserved, check_input, plan_expansion, uses_channels_last,
     validate_ratio,
@@ -119,6 +119,20 @@ class GPDModel(nn.Module):
                 return self.student(x)
         return functional_call(self.student, self.student_parameters(), (x,))
 
+    def _forward_both(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if torch.jit.is_tracing() or not torch.is_grad_enabled():
+            return self.forward_student(x), self.teacher(x)
+        # each shared DT tensor read once for both networks (expansion.shared_tensor): its one
+        # gradient gets the student's added over the primary block only
+        teacher_params, student_params = dict(self.teacher.named_parameters()), {}
+        for name, plan in self._shared.items():
+            if plan is None:
+                student_params[name] = teacher_params[name]
+            else:
+                teacher_params[name], student_params[name] = shared_tensor(teacher_params[name], plan)
+        return (functional_call(self.student, student_params, (x,)),
+                functional_call(self.teacher, teacher_params, (x,)))
+
     def forward_teacher(self, x: torch.Tensor) -> torch.Tensor:
         return self(x, mode='teacher')
 
@@ -135,7 +149,7 @@ class GPDModel(nn.Module):
         if mode == 'teacher':
             return self.teacher(x)
         if mode == 'both':
-            return self.forward_student(x), self.teacher(x)
+            return self._forward_both(x)
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
 
     @torch.no_grad()
