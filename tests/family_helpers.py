@@ -3,6 +3,8 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import GroupNorm1
+from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 
 from timm_gpd.reparam.widen import max_logit_error
@@ -38,11 +40,53 @@ FAMILIES = [
     ('resmlp', MlpMixer,
      dict(img_size=32, patch_size=8, num_blocks=2, embed_dim=64, block_layer=ResBlock, norm_layer=Affine, mlp_ratio=4)),
 ]
+# Families covered by the per-family rules (tests at ratio 2, and 1.5 where it must be refused):
+# the smallest variant with tiny dims, 32 px
+NEW_FAMILIES = [
+    # window attention with a relative position table (heads x r), shifted windows, patch merging
+    ('swin', 'swin_tiny_patch4_window7_224',
+     dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 1), num_heads=(1, 2), drop_path_rate=0.)),
+    # cosine attention with per-head logit scale, position-bias MLP, separate q/v biases, post-norm
+    ('swinv2', 'swinv2_tiny_window8_256',
+     dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 1), num_heads=(1, 2), drop_path_rate=0.)),
+    # head-major fused qkv with BatchNorm, per-head attention biases, attention downsampling
+    ('levit', 'levit_128s', dict(img_size=32, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1))),
+    # ScaledStdConv2d: weight standardization and fan-in gain compensated
+    ('nfnet', 'test_nfnet', {}),
+    # GroupNorm1 (PoolFormer), layer scale and res scale
+    ('poolformer', MetaFormer, dict(
+        depths=(1, 1, 1, 1), dims=(16, 24, 32, 40), downsample_norm=None, mlp_act=nn.GELU, mlp_bias=True,
+        norm_layers=GroupNorm1, layer_scale_init_values=1e-5, res_scale_init_values=None, use_mlp_head=False)),
+    # GroupNorm1NoBias, StarReLU, Scale
+    ('poolformerv2', MetaFormer, dict(depths=(1, 1, 1, 1), dims=(16, 24, 32, 40), norm_layers=GroupNorm1NoBias,
+                                      use_mlp_head=False)),
+    # talking-heads attention (Linears across heads), class attention, per-block layer scales, tokens
+    ('cait', 'cait_xxs24_224', dict(img_size=32, patch_size=8, depth=2, depth_token_only=1, embed_dim=64, num_heads=2)),
+    # relative position table, q/v biases, gamma_1/gamma_2
+    ('beit', 'beit_base_patch16_224', dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)),
+    # rotary embeddings, SwiGLU, layer scales
+    ('eva', 'eva02_tiny_patch14_224', dict(img_size=32, patch_size=8, depth=2)),
+    # spatial-reduction attention with a fused k/v Linear
+    ('pvt_v2', 'pvt_v2_b0', dict(depths=(1, 1, 1, 1))),
+    # cross-covariance attention (per-head temperature), Fourier position encoding, class attention
+    ('xcit', 'xcit_nano_12_p16_224', dict(img_size=32, depth=2)),
+    # window and channel attention
+    ('davit', 'davit_tiny', dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4))),
+]
+FAMILIES = FAMILIES + NEW_FAMILIES
 FAMILY_IDS = [f[0] for f in FAMILIES]
-# LayerNorm / GRN over channels stays exact only with integer ratios
-INTEGER_RATIO_ONLY = {'convnext', 'convnextv2', 'vit', 'deit_distilled', 'mlp_mixer'}
-# no k x k stride-1 conv: CBR leaves the model as it is
-NO_CBR_CONV = {'vit', 'deit_distilled', 'mlp_mixer', 'resmlp'}
+# ratios each family is tested at (the families added with per-family rules: 2, and 1.5 when it
+# must be refused, to keep the matrix fast)
+FAMILY_RATIOS = {f[0]: (2, 3, 1.5) for f in FAMILIES}
+FAMILY_RATIOS.update({f[0]: (2, 1.5) for f in NEW_FAMILIES})
+# LayerNorm / GroupNorm / GRN over channels, weight standardization and LeViT's whole-head
+# attention stay exact only with integer ratios
+INTEGER_RATIO_ONLY = {
+    'convnext', 'convnextv2', 'vit', 'deit_distilled', 'mlp_mixer', 'swin', 'swinv2', 'levit', 'nfnet',
+    'poolformer', 'poolformerv2', 'cait', 'beit', 'eva', 'pvt_v2', 'xcit', 'davit'}
+# no k x k stride-1 nn.Conv2d: CBR leaves the model as it is
+NO_CBR_CONV = {'vit', 'deit_distilled', 'mlp_mixer', 'resmlp', 'swin', 'swinv2', 'levit', 'nfnet', 'poolformer',
+               'poolformerv2', 'cait', 'beit', 'eva'}
 
 
 def create(arch, kwargs):
@@ -60,15 +104,33 @@ def make_student(arch, kwargs, seed=0):
     identity: give them random values.
     """
     torch.manual_seed(seed)
-    model = create(arch, kwargs)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() < 1e-3:
-                p.normal_(0, 0.5)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    return randomize_hidden(create(arch, kwargs))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or (
+        'Norm' in type(module).__name__)
+
+
+@torch.no_grad()
+def randomize_hidden(model: nn.Module) -> nn.Module:
+    """Give random values to what a fresh timm model hides an exactness check behind.
+
+    Zero or tiny inits (zero-init last BN gamma, layer scales of 1e-5, zero biases, GRN) switch
+    branches off, constant norm affines (1, 0) cannot tell channels apart, and fresh BN statistics
+    make eval-mode BN an identity: all of them would let a wrongly widened DT pass.
+    """
+    for p in model.parameters():
+        if p.numel() and p.abs().max() < 1e-3:
+            p.normal_(0, 0.5)
+    for m in model.modules():
+        if _is_norm(m):
+            for name, p in m.named_parameters(recurse=False):
+                if p.ndim == 1:  # affine scale / shift vectors (not e.g. a fused conv inside a norm-act)
+                    p.uniform_(0.5, 1.5) if name in ('weight', 'gamma', 'scale') else p.normal_(0, 0.2)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
     return model
 
 

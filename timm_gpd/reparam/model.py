@@ -63,6 +63,7 @@ class GPDModel(nn.Module):
         if cbr:
             convert_to_cbr(student, init=cbr_init, seed=seed)
         if cbr_only:
+            self.widths: Dict[int, int] = {}
             self.teacher = None
             self.student = student
             self._shared: Dict[str, object] = {}
@@ -71,6 +72,9 @@ class GPDModel(nn.Module):
             return
 
         plan = plan_expansion(student, self.ratio)
+        # the DT width of each student channel count: ``ratio`` is a target that grouped convs
+        # round up to whole groups
+        self.widths: Dict[int, int] = dict(sorted(plan.widths.items()))
         self.teacher = build_wide_model(student, plan, noise=noise, seed=seed)
         # the student keeps only the description of how to read its weights from the DT
         self._shared = {

@@ -1,14 +1,14 @@
 """Build the dynamic teacher: a plain, wider copy of a model computing the same function."""
 import copy
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
 
 from .branches import CBRConv2d
-from .expansion import TensorPlan, symmetry_noise, widen_tensor
+from .expansion import TensorPlan, symmetry_noise, widen_tensor, widened_size
 from .rules import ModulePlan, RuleContext, get_rule, unsupported_reason
 
 DEFAULT_NOISE = 0.01
@@ -21,6 +21,33 @@ class ExpansionPlan:
     attrs: List[Tuple[str, str, object]]  # (module path, attribute, new value)
     stem: Tuple[str, ...]
     classifier: Tuple[str, ...]
+    noiseless: Set[str] = field(default_factory=set)  # full names of tensors that get no symmetry noise
+    widths: Dict[int, int] = field(default_factory=dict)  # student channel count -> DT width
+
+
+def whole_group_widths(model: nn.Module, ratio: float, stem: Sequence[str] = ()) -> Dict[int, int]:
+    """DT widths of the channel counts that grouped convs split into groups, rounded up to whole groups.
+
+    A DT group must copy one student group, so a count of C channels in groups of g widens to a
+    multiple of g: ``ceil(round(C * ratio) / g) * g`` (the lcm of every group size met for C).
+    Widths are chosen per channel count, so every tensor touching an activation agrees on it;
+    the ratio becomes a target. Integer ratios are multiples already and change nothing.
+    """
+    multiple: Dict[int, int] = {}
+    for path, m in model.named_modules():
+        groups = getattr(m, 'groups', 1)
+        sizes = (getattr(m, 'in_channels', None), getattr(m, 'out_channels', None))
+        if (not isinstance(groups, int) or groups <= 1 or path in stem
+                or not all(isinstance(w, int) and w % groups == 0 for w in sizes)):
+            continue
+        for count in (m.in_channels, m.out_channels):
+            multiple[count] = math.lcm(multiple.get(count, 1), count // groups)
+    widths = {}
+    for count, q in multiple.items():
+        wide = widened_size(count, ratio)
+        if q > 1 and wide % q:
+            widths[count] = -(-wide // q) * q
+    return widths
 
 
 def validate_ratio(ratio) -> float:
@@ -79,6 +106,7 @@ def plan_expansion(model: nn.Module, ratio: float) -> ExpansionPlan:
     ratio = validate_ratio(ratio)
     stem, classifier = find_stem_and_classifier(model)
     plan = ExpansionPlan({}, [], stem, classifier)
+    plan.widths.update(whole_group_widths(model, ratio, stem))
 
     def visit(path: str, module: nn.Module):
         reason = unsupported_reason(module)
@@ -94,11 +122,13 @@ def plan_expansion(model: nn.Module, ratio: float) -> ExpansionPlan:
                     f'and no inverse reparameterization rule; register one with timm_gpd.register_rule')
             handled = set()
         else:
-            ctx = RuleContext(path, ratio, expand_in=path not in stem, expand_out=path not in classifier)
+            ctx = RuleContext(path, ratio, expand_in=path not in stem, expand_out=path not in classifier,
+                              widths=plan.widths)
             mp: ModulePlan = rule(module, ctx)
             for name, tplan in mp.tensors.items():
                 if tplan.dims:
                     plan.tensors[_join(path, name)] = tplan
+            plan.noiseless.update(_join(path, name) for name in mp.noiseless)
             for name, value in mp.attrs.items():
                 sub, _, attr = name.rpartition('.')
                 plan.attrs.append((_join(path, sub), attr, value))
@@ -143,7 +173,8 @@ def build_wide_model(
             value = widen_tensor(old.detach(), tplan)
             # the main kernel of each layer is enough to let the copies diverge; CBR's extra
             # branch tensors stay exact replicas (noising them too only costs build time)
-            if name == 'weight' and name in module._parameters and noise > 0 and old.numel() > 1:
+            if (name == 'weight' and name in module._parameters and noise > 0 and old.numel() > 1
+                    and full_name not in plan.noiseless):
                 scale = float(old.detach().float().std()) * noise
                 extra = symmetry_noise(value, tplan, scale, generator)
                 if extra is not None:
@@ -192,12 +223,48 @@ def check_input(model: nn.Module, stem: Sequence[str], batch: int = 2, seed: int
         patch_embed is not None and getattr(patch_embed, 'strict_img_size', False))
     if patch_embed is not None and getattr(patch_embed, 'img_size', None):
         size = tuple(patch_embed.img_size)
-    if not fixed:
-        size = (CHECK_IMG_SIZE, CHECK_IMG_SIZE)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device('cpu')
+    # a model built for another size than its cfg's (LeViT(img_size=32)) fails at the cfg's: search
+    if not fixed or (patch_embed is None and not _accepts(model, in_chans, tuple(size))):
+        size = smallest_input_size(model, in_chans, cfg, default=tuple(size))
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, in_chans, *size, generator=generator).to(device)
+
+
+def smallest_input_size(model: nn.Module, in_chans: int, cfg: dict, default: Tuple[int, int]) -> Tuple[int, int]:
+    """The smallest square size from CHECK_IMG_SIZE up that the model's forward accepts.
+
+    Stems of Inception-v4 / Inception-ResNet-v2 shrink 32 px to nothing; a small input keeps the
+    check cheap for the rest. ``pretrained_cfg['min_input_size']`` is honoured when set; the
+    model's default size is the answer when no smaller one runs.
+    """
+    low = max(CHECK_IMG_SIZE, *(cfg.get('min_input_size') or (0, 0, 0))[1:])
+    candidates = sorted({s for s in (32, 64, 96, 128, 160, 224) if s >= low} | {low})
+    candidates = [s for s in candidates if s < max(default)] or [low]
+    for s in candidates:
+        if _accepts(model, in_chans, (s, s)):
+            return s, s
+    return default
+
+
+def _accepts(model: nn.Module, in_chans: int, size: Tuple[int, int]) -> bool:
+    """Whether an eval-mode forward of one image of ``size`` runs (too small for a stem or a
+    pooling, or not the size a fixed-size model was built for, raises)."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device('cpu')
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *size, dtype=dtype, device=device))
+        return True
+    except Exception:
+        return False
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def max_logit_error(reference: torch.Tensor, other: torch.Tensor) -> Tuple[float, float]:
@@ -279,7 +346,14 @@ def check_function_preserved(narrow: nn.Module, wide: nn.Module, x: torch.Tensor
     wide.eval()
     try:
         with torch.no_grad():
-            ref, out = narrow(x), wide(x)
+            ref = narrow(x)
+            try:
+                out = wide(x)
+            except Exception as e:  # a shape error deep in some block's forward: say what it means
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
+                raise NotImplementedError(
+                    f'The {what} fails in its forward ({type(e).__name__}: {detail}): some block splits, reshapes '
+                    'or concatenates channels by a count that the inverse reparameterization rules do not widen') from e
         err, tol = max_logit_error(ref, out)
         if out.shape == ref.shape and err <= tol:
             return

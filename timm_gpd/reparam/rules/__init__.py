@@ -10,5 +10,6 @@ from ._registry import (
     register_unsupported, timm_types, unsupported_reason,
 )
 from . import layers  # noqa: F401  (registers)
-from . import convnext, mlp_mixer, mobilenetv3, vit  # noqa: F401  (register)
+from . import beit, cait, convnext, eva, levit, metaformer, mlp_mixer, mobilenetv3, swin, token_models, vit  # noqa: F401,E501  (register)
+from . import attention_zoo  # noqa: F401  (registers)
 from . import unsupported  # noqa: F401  (registers)

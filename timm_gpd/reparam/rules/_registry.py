@@ -9,13 +9,14 @@ the image, the classifier emits logits), a rule returns a :class:`ModulePlan`: a
 without tensors of their own are containers: their children are visited. Anything
 else is unsupported and raises ``NotImplementedError`` naming its path and type.
 """
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Set, Tuple, Type
 
 import torch.nn as nn
 
-from ..expansion import COPY, ChannelMap, TensorPlan
+from ..expansion import COPY, ChannelMap, TensorPlan, widened_size
 
 
 @dataclass
@@ -24,15 +25,22 @@ class RuleContext:
     ratio: float
     expand_in: bool = True
     expand_out: bool = True
+    # DT width of each student channel count, shared by every rule of one model: fixed in advance
+    # where grouped convs need whole groups, filled with ``widened_size`` as counts are met
+    widths: Dict[int, int] = field(default_factory=dict)
 
     def channels(self, n: int, expand: bool = True) -> ChannelMap:
         if not expand:
             return ChannelMap.identity(n)
-        cmap = ChannelMap.single(n, self.ratio)
+        cmap = ChannelMap((n,), (self.widths.setdefault(n, widened_size(n, self.ratio)),))
         if not cmap.expanded:
             raise ValueError(
                 f'gpd_ratio {self.ratio} adds no channel to {self.path} ({n} channels); use a larger ratio')
         return cmap
+
+    def but(self, **changes) -> 'RuleContext':
+        """The same context (same shared widths) with some fields changed."""
+        return dataclasses.replace(self, **changes)
 
     def input_map(self, n: int) -> ChannelMap:
         return self.channels(n, self.expand_in)
@@ -53,6 +61,9 @@ class ModulePlan:
     tensors: Dict[str, TensorPlan] = field(default_factory=dict)  # local dotted name -> plan
     attrs: Dict[str, object] = field(default_factory=dict)  # local dotted 'child.attr' -> value
     handled: Set[str] = field(default_factory=set)  # child names not to visit
+    # tensors that must stay exact replicas (no symmetry noise): their module normalizes them
+    # (weight standardization), so noise that cancels in a plain conv would change the function
+    noiseless: Set[str] = field(default_factory=set)
 
 
 Rule = Callable[[nn.Module, RuleContext], ModulePlan]

@@ -16,7 +16,7 @@ def _grouped_maps(ctx: RuleContext, in_map: ChannelMap, out_map: ChannelMap, gro
         raise ValueError(
             f'{ctx.path}: grouped conv ({groups} groups of {in_per_group} -> {out_per_group} channels) '
             f'cannot be widened to {in_map.wide_size} -> {out_map.wide_size} channels with whole groups; '
-            f'ratio {ctx.ratio} must add a whole number of groups (an integer ratio always does).')
+            f'the widths chosen for ratio {ctx.ratio} do not give both sides the same number of groups.')
     return wide_groups
 
 
@@ -46,7 +46,7 @@ def cbr_rule(m: CBRConv2d, ctx: RuleContext) -> ModulePlan:
     kernel, in_map, out_map, groups = kernel_plans(ctx, m.in_channels, m.out_channels, m.groups)
     # the 1x1 mixer maps the input channels onto themselves: a conv with in == out
     mixer, *_ = kernel_plans(
-        RuleContext(ctx.path, ctx.ratio, ctx.expand_in, ctx.expand_in), m.in_channels, m.in_channels, m.groups)
+        ctx.but(expand_out=ctx.expand_in), m.in_channels, m.in_channels, m.groups)
     plan = ModulePlan(
         tensors={
             'weight': kernel, 'w_avg': kernel, 'w_prior': kernel, 'w_kxk': kernel, 'w_pw': kernel,
@@ -97,7 +97,10 @@ def layernorm_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     return ModulePlan(tensors=per_channel(m, cmap, ('weight', 'bias')), attrs={'normalized_shape': (cmap.wide_size,)})
 
 
-@register_rule(nn.GroupNorm, *timm_types('timm.layers.norm', 'GroupNorm'), *timm_types('timm.layers.norm_act', 'GroupNormAct'))
+# GroupNorm1 (one group, PoolFormer / MetaFormer): r groups of replicas have the student's statistics
+@register_rule(
+    nn.GroupNorm, *timm_types('timm.layers.norm', 'GroupNorm', 'GroupNorm1'),
+    *timm_types('timm.layers.norm_act', 'GroupNormAct', 'GroupNorm1Act'))
 def groupnorm_rule(m: nn.GroupNorm, ctx: RuleContext) -> ModulePlan:
     cmap = ctx.channels(m.num_channels)
     ctx.require_uniform(cmap, 'GroupNorm')
@@ -114,6 +117,21 @@ def global_response_norm_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     cmap = ctx.channels(m.weight.shape[0])
     ctx.require_uniform(cmap, 'GlobalResponseNorm')
     return ModulePlan(tensors=per_channel(m, cmap, ('weight', 'bias')))
+
+
+def head_maps(ctx: RuleContext, num_heads: int, head_dim: int):
+    """Maps of an attention's channels (``num_heads * head_dim``) and of its heads.
+
+    Heads widen x r with head_dim (so the softmax scale) unchanged: with copy-major channels DT
+    head h is a copy of student head ``h % num_heads``, so per-head tensors (relative position
+    bias tables, logit scales) are copied along the head dimension the same way.
+    """
+    attn_map = ctx.channels(num_heads * head_dim)
+    if attn_map.wide_size % head_dim:
+        raise ValueError(
+            f'{ctx.path}: ratio {ctx.ratio} widens {attn_map.size} attention channels to {attn_map.wide_size}, '
+            f'not a whole number of heads of {head_dim}')
+    return attn_map, ChannelMap((num_heads,), (attn_map.wide_size // head_dim,))
 
 
 def attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
@@ -150,7 +168,148 @@ register_rule(*timm_types('timm.layers', 'Attention'), *timm_types('timm.models.
     attention_rule)
 
 
-@register_rule(*timm_types('timm.layers', 'LayerScale'), *timm_types('timm.models.vision_transformer', 'LayerScale'))
+@register_rule(
+    *timm_types('timm.layers', 'LayerScale', 'LayerScale2d'),
+    *timm_types('timm.models.vision_transformer', 'LayerScale'))
 def layer_scale_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     cmap = ctx.channels(m.gamma.shape[0])
     return ModulePlan(tensors={'gamma': plan_of((0, cmap, COPY))})
+
+
+@register_rule(*timm_types('timm.layers.std_conv', 'ScaledStdConv2d', 'ScaledStdConv2dSame', 'StdConv2d', 'StdConv2dSame'))
+def std_conv_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """Weight-standardized convs (NFNet, BiT): the kernel is standardized per output row over its
+    fan-in F before the conv (ScaledStdConv2d also multiplies by gain * gamma / sqrt(F)).
+
+    A DT row holds r replicas of each student column divided by r: its mean is the student's / r
+    and its (biased) variance the student's / r^2, over r F entries. With eps / r^2 the
+    standardized DT row is the standardized student row, and a fan-in scale of ``scale / r``
+    (not gamma / sqrt(r F)) makes the r copies of each column add up to the student's column.
+    That needs every input channel to have r copies, and no symmetry noise on the kernel (it
+    would change the row variance); the copies still diverge in training, through the other
+    layers' noise. A grouped kernel's rows keep their fan-in: nothing changes but the widths.
+    """
+    plan = conv_rule(m, ctx)
+    in_map = ctx.input_map(m.in_channels)
+    if m.groups == 1 and in_map.expanded:
+        if not hasattr(m, 'scale'):  # plain StdConv2d: unit-variance rows, no scale to spread over the copies
+            raise NotImplementedError(
+                f'{ctx.path} ({type(m).__name__}) standardizes each kernel row to unit variance with no scale '
+                'to divide among the copies of an input channel')
+        ctx.require_uniform(in_map, f'{type(m).__name__} weight standardization')
+        copies = in_map.wide_size // in_map.size
+        plan.attrs['eps'] = m.eps / copies ** 2
+        plan.attrs['scale'] = m.scale / copies
+        plan.noiseless.add('weight')
+    if hasattr(m, 'gain'):
+        plan.tensors['gain'] = plan_of((0, ctx.output_map(m.out_channels), COPY))
+    return plan
+
+
+def _fused_projection(m: nn.Module, name: str, segments: int, attn_map: ChannelMap, ctx: RuleContext,
+                      plan: ModulePlan):
+    """A Linear or 1x1 conv whose output rows are ``segments`` parts (q, k, v) of the attention
+    channels: each part widened on its own."""
+    proj = getattr(m, name)
+    conv = isinstance(proj, nn.Conv2d)
+    n_in = proj.in_channels if conv else proj.in_features
+    if conv and proj.groups != 1:
+        raise NotImplementedError(f'{ctx.path}.{name}: grouped fused projection')
+    rows = ChannelMap((attn_map.size,) * segments, (attn_map.wide_size,) * segments)
+    in_map = ctx.channels(n_in)
+    plan.tensors[f'{name}.weight'] = plan_of((0, rows, COPY), (1, in_map, MIX))
+    if proj.bias is not None:
+        plan.tensors[f'{name}.bias'] = plan_of((0, rows, COPY))
+    keys = ('in_channels', 'out_channels') if conv else ('in_features', 'out_features')
+    plan.attrs.update({f'{name}.{keys[0]}': in_map.wide_size, f'{name}.{keys[1]}': rows.wide_size})
+    plan.handled.add(name)
+
+
+_FUSED = (('qkv', 3), ('qk', 2), ('kv', 2))  # fused projections and their segment counts
+_SEPARATE_Q = ('q_proj', 'q', 'wq')
+
+
+def _out_width(proj: nn.Module) -> int:
+    return proj.out_channels if isinstance(proj, nn.Conv2d) else proj.out_features
+
+
+def multi_head_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """Multi-head self-attention in the timm style, whatever the model family.
+
+    ``num_heads`` widens x r, ``head_dim`` stays (the softmax scale too). Fused projections
+    (``qkv``, ``qk``, ``kv``; Linear or 1x1 conv) have one row segment per part, each widened
+    on its own; separate q / k / v Linears are widened by the Linear rule. Vectors over the
+    attention channels (``q_bias``, ``k_bias``, ``v_bias``) are copied, and so are per-head
+    tensors: a relative position bias table [positions, heads] along its last dim, a
+    ``logit_scale`` / ``temperature`` [heads, 1, 1] along its first. q/k norms and relative
+    position tables over head_dim do not change.
+    """
+    if getattr(m, 'gate', None) is not None:
+        raise NotImplementedError(f'{ctx.path} (gated {type(m).__name__}) is not supported yet')
+    heads = m.num_heads
+    fused = [(n, k) for n, k in _FUSED if isinstance(getattr(m, n, None), (nn.Linear, nn.Conv2d))]
+    if fused:
+        attn_dim = _out_width(getattr(m, fused[0][0])) // fused[0][1]
+    else:
+        q = next((getattr(m, n) for n in _SEPARATE_Q if isinstance(getattr(m, n, None), nn.Linear)), None)
+        if q is None:
+            raise NotImplementedError(f'{ctx.path} ({type(m).__name__}): no q / qkv projection found')
+        attn_dim = q.out_features
+    head_dim = getattr(m, 'head_dim', None) or attn_dim // heads
+    attn_map, head_map = head_maps(ctx, heads, head_dim)
+    plan = ModulePlan(attrs={'num_heads': head_map.wide_size}, handled={'q_norm', 'k_norm'})
+    for name, segments in fused:
+        if _out_width(getattr(m, name)) != segments * attn_dim:
+            raise NotImplementedError(f'{ctx.path}.{name}: {segments} parts of unequal widths')
+        _fused_projection(m, name, segments, attn_map, ctx, plan)
+    for name in ('q_bias', 'k_bias', 'v_bias'):
+        if getattr(m, name, None) is not None:
+            plan.tensors[name] = plan_of((0, attn_map, COPY))
+    table = getattr(m, 'relative_position_bias_table', None)
+    if table is not None:
+        if table.shape[-1] != heads:
+            raise NotImplementedError(f'{ctx.path}: relative position table of shape {tuple(table.shape)}')
+        plan.tensors['relative_position_bias_table'] = plan_of((table.ndim - 1, head_map, COPY))
+    for name in ('logit_scale', 'temperature'):
+        t = getattr(m, name, None)
+        if isinstance(t, nn.Parameter) and t.shape[0] == heads:
+            plan.tensors[name] = plan_of((0, head_map, COPY))
+    for attr in ('attn_dim', 'all_head_dim'):
+        if getattr(m, attr, None) == attn_dim:
+            plan.attrs[attr] = attn_map.wide_size
+    return plan
+
+
+def channel_vectors(*names, dim: int = -1):
+    """A rule for a module whose own tensors ``names`` are channel vectors along ``dim`` (class
+    tokens, position embeddings, layer scales): copied. A name may be a ``(name, dim)`` pair.
+    Absent or None tensors are skipped; the module's children are visited as usual."""
+    def rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+        plan = ModulePlan()
+        for entry in names:
+            name, axis = entry if isinstance(entry, tuple) else (entry, dim)
+            t = getattr(m, name, None)
+            if isinstance(t, nn.Parameter) or (t is not None and name in m._buffers):
+                d = axis % t.ndim
+                plan.tensors[name] = plan_of((d, ctx.channels(t.shape[d]), COPY))
+        return plan
+    return rule
+
+
+@register_rule(*timm_types('timm.layers.mlp', 'GluMlp'))
+def glu_mlp_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """Gated MLP: ``fc1``'s output is chunked into two halves (value and gate), so its rows are
+    two segments, each widened on its own; ``norm`` and ``fc2`` see one half, widened as usual."""
+    fc1 = m.fc1
+    conv = isinstance(fc1, nn.Conv2d)
+    n_in, n_out = (fc1.in_channels, fc1.out_channels) if conv else (fc1.in_features, fc1.out_features)
+    if conv and fc1.groups != 1:
+        raise NotImplementedError(f'{ctx.path} ({type(m).__name__}): grouped fc1')
+    halves = ChannelMap.segmented(n_out // 2, 2, ctx.ratio)
+    in_map = ctx.input_map(n_in)
+    plan = ModulePlan(tensors={'fc1.weight': plan_of((0, halves, COPY), (1, in_map, MIX))}, handled={'fc1'})
+    if fc1.bias is not None:
+        plan.tensors['fc1.bias'] = plan_of((0, halves, COPY))
+    names = ('in_channels', 'out_channels') if conv else ('in_features', 'out_features')
+    plan.attrs.update({f'fc1.{names[0]}': in_map.wide_size, f'fc1.{names[1]}': halves.wide_size})
+    return plan

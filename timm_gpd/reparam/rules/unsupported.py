@@ -34,6 +34,25 @@ UNSUPPORTED_TIMM_BLOCKS = (
     ('timm.models.mobilevit', 'MobileVitBlock', 'concatenates its input with the output of its transformer'),
     ('timm.models.mlp_mixer', 'SpatialGatingUnit', 'splits its channels in two halves (gMLP)'),
     ('timm.models.efficientvit_mit', 'LiteMLA', 'concatenates its multi-scale q/k/v and reshapes them into heads'),
+    *(('timm.models.inception_v4', n, CONCAT_BRANCHES) for n in (
+        'Mixed3a', 'Mixed4a', 'Mixed5a', 'InceptionA', 'ReductionA', 'InceptionB', 'ReductionB', 'InceptionC')),
+    *(('timm.models.inception_resnet_v2', n, CONCAT_BRANCHES) for n in (
+        'Mixed_5b', 'Block35', 'Mixed_6a', 'Block17', 'Mixed_7a', 'Block8')),
+    *(('timm.models.nasnet', n, 'concatenates the outputs of its cell branches') for n in (
+        'CellStem0', 'CellStem1', 'FirstCell', 'NormalCell', 'ReductionCell0', 'ReductionCell1')),
+    *(('timm.models.pnasnet', n, 'concatenates the outputs of its cell branches') for n in ('CellStem0', 'Cell')),
+    ('timm.models.fasternet', 'Partial_conv3', 'splits off a fixed number of channels for its conv'),
+    ('timm.models.focalnet', 'FocalModulation', 'splits its projection into query, context and per-level gates'),
+    ('timm.models.mambaout', 'GatedConvBlock', 'splits its hidden channels into gate, identity and conv parts'),
+    ('timm.models.nextvit', 'NextTransformerBlock', 'concatenates its attention and conv paths'),
+    ('timm.models.coat', 'ConvRelPosEnc', 'splits its channels into head groups of fixed sizes, one kernel each'),
+    ('timm.models.inception_next', 'InceptionDWConv2d', 'splits its channels into fixed-size branches'),
+    ('timm.models.edgenext', 'SplitTransposeBlock', 'splits its channels into fixed-size scales'),
+    ('timm.models.volo', 'OutlookAttention', 'reshapes its values into per-head unfolded windows of a fixed head count'),
+    ('timm.models.tnt', 'PixelEmbed', 'reshapes its pixel features with a fixed inner width'),
+    ('timm.models.tnt', 'Block', "flattens its pixel tokens (pixels x inner channels) into the outer token's channels"),
+    ('timm.models.nest', 'Attention', 'lays its output channels out head-minor (head_dim x heads)'),
+    ('timm.models.rdnet', 'DenseStage', 'concatenates the features of its blocks along channels'),
 )
 
 for _module, _name, _reason in UNSUPPORTED_TIMM_BLOCKS:
