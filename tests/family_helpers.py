@@ -40,6 +40,16 @@ FAMILIES = [
     ('resmlp', MlpMixer,
      dict(img_size=32, patch_size=8, num_blocks=2, embed_dim=64, block_layer=ResBlock, norm_layer=Affine, mlp_ratio=4)),
 ]
+def eva_unfused(**kwargs) -> nn.Module:
+    """EVA with timm's non-fused attention path: under the TorchScript ONNX exporter the fused
+    path hands scaled_dot_product_attention a traced ``is_causal`` tensor (stock timm fails too)."""
+    model = timm.create_model('eva02_tiny_patch14_224', **kwargs)
+    for m in model.modules():
+        if hasattr(m, 'fused_attn'):
+            m.fused_attn = False
+    return model
+
+
 # Families covered by the per-family rules (tests at ratio 2, and 1.5 where it must be refused):
 # the smallest variant with tiny dims, 32 px
 NEW_FAMILIES = [
@@ -65,7 +75,7 @@ NEW_FAMILIES = [
     # relative position table, q/v biases, gamma_1/gamma_2
     ('beit', 'beit_base_patch16_224', dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)),
     # rotary embeddings, SwiGLU, layer scales
-    ('eva', 'eva02_tiny_patch14_224', dict(img_size=32, patch_size=8, depth=2)),
+    ('eva', eva_unfused, dict(img_size=32, patch_size=8, depth=2)),
     # spatial-reduction attention with a fused k/v Linear
     ('pvt_v2', 'pvt_v2_b0', dict(depths=(1, 1, 1, 1))),
     # cross-covariance attention (per-head temperature), Fourier position encoding, class attention
