@@ -221,3 +221,17 @@ def test_divergence_stops_keeps_last_good_checkpoint_exports_nothing(repo_root, 
     # the run record says what ran it (the model card's Hardware line)
     assert last['env']['hardware'] == ckpt_lib.hardware_description(torch.device('cpu'))
     assert last['data_config']['input_size'] == (1, 32, 32) and len(last['label_names']) == 10
+
+
+def test_validate_bad_files_are_one_line_errors(tmp_path, caplog):
+    import validate
+    files = _bad_files(tmp_path)
+    for name in ('empty.pth', 'random.pth', 'truncated.pth', 'missing.safetensors', 'random.safetensors'):
+        path, message = files[name]
+        caplog.clear()
+        # the checkpoint is read before any dataset is opened
+        model = ['--model', MODEL, '--num-classes', '10'] if name.endswith('.safetensors') else []  # no config.json
+        assert validate.main(['--data-dir', str(tmp_path / 'no_data'), '--checkpoint', str(path), *model]) == 2, name
+        errors = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
+        assert len(errors) == 1 and '\n' not in errors[0], (name, errors)
+        assert str(path) in errors[0] and (message in errors[0] or 'Checkpoint not found' in errors[0]), errors
