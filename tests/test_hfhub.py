@@ -376,3 +376,12 @@ def test_train_export_and_publish_write_the_same_config(fashion_mnist_root, subp
     exported = safetensors_load(ckpt.parent / 'student.safetensors')
     pub = safetensors_load(out / 'model.safetensors')
     assert exported.keys() == pub.keys() and all(torch.equal(exported[k], pub[k]) for k in exported)
+
+
+def test_non_finite_weights_are_never_published(tmp_path, stock_run):
+    checkpoint = torch.load(stock_run, weights_only=True)
+    checkpoint['state_dict']['fc.weight'][0, 0] = float('nan')
+    torch.save(checkpoint, tmp_path / 'nan.pth')
+    with pytest.raises(CheckpointError, match='non-finite'):
+        publish(tmp_path / 'nan.pth', REPO_ID, dry_run=tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
