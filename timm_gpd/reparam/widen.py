@@ -213,7 +213,7 @@ def _update_feature_widths(model: nn.Module, wide: nn.Module, classifier: Sequen
 
 
 def check_input(model: nn.Module, stem: Sequence[str], batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """A random image batch the model accepts (its fixed size, else a small one)."""
+    """A random image batch the model accepts (its fixed size, else the smallest that runs)."""
     first = model.get_submodule(stem[0])
     in_chans = getattr(first, 'in_channels', getattr(first, 'in_features', 3))
     cfg = getattr(model, 'pretrained_cfg', None) or {}
@@ -225,9 +225,22 @@ def check_input(model: nn.Module, stem: Sequence[str], batch: int = 2, seed: int
         size = tuple(patch_embed.img_size)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device('cpu')
-    # a model built for another size than its cfg's (LeViT(img_size=32)) fails at the cfg's: search
-    if not fixed or (patch_embed is None and not _accepts(model, in_chans, tuple(size))):
-        size = smallest_input_size(model, in_chans, cfg, default=tuple(size))
+    default = tuple(size)
+    # the stem conv may not see the image itself (TResNet's space-to-depth feeds it 16 x 3
+    # channels): the model's own in_chans / its cfg's are the other candidates
+    candidates = [in_chans] + [c for c in (getattr(model, 'in_chans', None), cfg.get('input_size', (None,))[0])
+                               if isinstance(c, int) and c != in_chans]
+    for chans in candidates:
+        # a model built for another size than its cfg's (LeViT(img_size=32)) fails at the cfg's: search
+        if fixed and (patch_embed is not None or _accepts(model, chans, default)):
+            size = default
+        else:
+            size = smallest_input_size(model, chans, cfg, default=default)
+        if len(candidates) == 1 or _accepts(model, chans, size):
+            in_chans = chans
+            break
+    else:
+        in_chans, size = candidates[0], default
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, in_chans, *size, generator=generator).to(device)
 

@@ -11,5 +11,5 @@ from ._registry import (
 )
 from . import layers  # noqa: F401  (registers)
 from . import beit, cait, convnext, eva, levit, metaformer, mlp_mixer, mobilenetv3, swin, token_models, vit  # noqa: F401,E501  (register)
-from . import attention_zoo  # noqa: F401  (registers)
+from . import attention_zoo, relpos  # noqa: F401  (register)
 from . import unsupported  # noqa: F401  (registers)

@@ -313,3 +313,25 @@ def glu_mlp_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     names = ('in_channels', 'out_channels') if conv else ('in_features', 'out_features')
     plan.attrs.update({f'fc1.{names[0]}': in_map.wide_size, f'fc1.{names[1]}': halves.wide_size})
     return plan
+
+
+@register_rule(nn.ConvTranspose2d, nn.ConvTranspose1d)
+def conv_transpose_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """Transposed conv: the kernel is [in, out / groups, ...], inputs along dim 0."""
+    if m.groups != 1:
+        raise NotImplementedError(f'{ctx.path} (grouped {type(m).__name__}) is not supported yet')
+    in_map, out_map = ctx.input_map(m.in_channels), ctx.output_map(m.out_channels)
+    plan = ModulePlan(tensors={'weight': plan_of((0, in_map, MIX), (1, out_map, COPY))},
+                      attrs={'in_channels': in_map.wide_size, 'out_channels': out_map.wide_size})
+    if m.bias is not None:
+        plan.tensors['bias'] = plan_of((0, out_map, COPY))
+    return plan
+
+
+@register_rule(*timm_types('timm.layers.blur_pool', 'BlurPool2d'))
+def blur_pool_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """A fixed depthwise blur: one filter per channel (or one shared filter when ``channels`` is None)."""
+    if m.channels is None:
+        return ModulePlan()
+    cmap = ctx.channels(m.channels)
+    return ModulePlan(tensors={'filt': plan_of((0, cmap, COPY))}, attrs={'channels': cmap.wide_size})

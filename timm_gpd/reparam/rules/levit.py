@@ -1,4 +1,4 @@
-"""LeViT: attention whose fused qkv rows are laid out head by head, with per-head attention biases.
+"""LeViT (and EfficientFormer, TinyViT): attention whose fused qkv rows are laid out head by head, with per-head attention biases.
 
 ``qkv(x).view(B, N, heads, -1).split([key_dim, key_dim, val_dim])``: the rows are heads x
 (q, k, v) blocks, so the copy-major widening of the whole row dimension copies whole heads, and
@@ -12,13 +12,18 @@ from ..expansion import COPY
 from ._registry import ModulePlan, RuleContext, plan_of, register_rule, timm_types
 
 
-@register_rule(*timm_types('timm.models.levit', 'Attention', 'AttentionDownsample'))
-def levit_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+@register_rule(
+    *timm_types('timm.models.levit', 'Attention', 'AttentionDownsample'),
+    *timm_types('timm.models.efficientformer', 'Attention'),
+    *timm_types('timm.models.tiny_vit', 'Attention'))
+def head_major_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """LeViT, EfficientFormer and TinyViT attention: head-major fused qkv, per-head biases."""
     heads = ctx.channels(m.num_heads)
-    copies = heads.wide_size // m.num_heads
     if heads.wide_size % m.num_heads:
-        raise ValueError(f'{ctx.path}: LeViT attention needs an integer gpd_ratio (heads are copied whole)')
-    return ModulePlan(
-        tensors={'attention_biases': plan_of((0, heads, COPY))},
-        attrs={'num_heads': heads.wide_size, 'key_attn_dim': m.key_attn_dim * copies,
-               'val_attn_dim': m.val_attn_dim * copies, 'attention_bias_cache': {}})
+        raise ValueError(f'{ctx.path}: {type(m).__name__} needs an integer gpd_ratio (heads are copied whole)')
+    copies = heads.wide_size // m.num_heads
+    attrs = {'num_heads': heads.wide_size, 'attention_bias_cache': {}}
+    for name in ('key_attn_dim', 'val_attn_dim', 'out_dim'):  # widths of all heads together
+        if isinstance(getattr(m, name, None), int):
+            attrs[name] = getattr(m, name) * copies
+    return ModulePlan(tensors={'attention_biases': plan_of((0, heads, COPY))}, attrs=attrs)

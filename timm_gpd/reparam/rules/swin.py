@@ -1,4 +1,4 @@
-"""Swin Transformer V1 / V2: window attention with per-head relative position bias, patch merging."""
+"""Swin Transformer V1 / V2 (and V2 CR's patch merging): window attention with per-head relative position bias, patch merging."""
 import torch.nn as nn
 
 from ..expansion import COPY, MIX, ChannelMap
@@ -55,20 +55,22 @@ def window_attention_v2_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
 
 
 @register_rule(*timm_types('timm.models.swin_transformer', 'PatchMerging'),
-               *timm_types('timm.models.swin_transformer_v2', 'PatchMerging'))
+               *timm_types('timm.models.swin_transformer_v2', 'PatchMerging'),
+               *timm_types('timm.models.swin_transformer_v2_cr', 'PatchMerging'))
 def patch_merging_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     """The 2x2 neighbours are concatenated along channels: 4 segments of C, each widened on its
     own. V1 normalizes the 4C concatenation (every channel has the same copies: exact), V2 the output."""
-    merged = ChannelMap.segmented(m.dim, 4, ctx.ratio)
-    if not merged.expanded:
-        raise ValueError(f'gpd_ratio {ctx.ratio} adds no channel to {ctx.path} ({m.dim} channels)')
-    out_map = ctx.channels(m.out_dim)
+    dim, out_dim = m.reduction.in_features // 4, m.reduction.out_features
+    merged = ChannelMap((dim,) * 4, (ctx.channels(dim).wide_size,) * 4)
+    out_map = ctx.channels(out_dim)
     plan = ModulePlan(
         tensors={'reduction.weight': plan_of((0, out_map, COPY), (1, merged, MIX))},
-        attrs={'reduction.in_features': merged.wide_size, 'reduction.out_features': out_map.wide_size,
-               'dim': ctx.channels(m.dim).wide_size, 'out_dim': out_map.wide_size},
+        attrs={'reduction.in_features': merged.wide_size, 'reduction.out_features': out_map.wide_size},
         handled={'reduction', 'norm'})
-    norm_map = merged if tuple(m.norm.normalized_shape) == (4 * m.dim,) else out_map
+    for attr, width in (('dim', dim), ('out_dim', out_dim)):
+        if getattr(m, attr, None) == width:
+            plan.attrs[attr] = ctx.channels(width).wide_size
+    norm_map = merged if tuple(m.norm.normalized_shape) == (4 * dim,) else out_map
     ctx.require_uniform(norm_map, 'PatchMerging norm')
     for name in ('weight', 'bias'):
         if getattr(m.norm, name, None) is not None:
