@@ -15,15 +15,17 @@ from ._registry import ModulePlan, RuleContext, plan_of, register_rule, timm_typ
 @register_rule(
     *timm_types('timm.models.levit', 'Attention', 'AttentionDownsample'),
     *timm_types('timm.models.efficientformer', 'Attention'),
-    *timm_types('timm.models.tiny_vit', 'Attention'))
+    *timm_types('timm.models.tiny_vit', 'Attention'),
+    *timm_types('timm.models.efficientformer_v2', 'Attention2d', 'Attention2dDownsample'))
 def head_major_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
-    """LeViT, EfficientFormer and TinyViT attention: head-major fused qkv, per-head biases."""
+    """LeViT, EfficientFormer (V1, V2) and TinyViT attention: head-major q/k/v rows, per-head biases
+    (V2's talking-head 1x1 convs run across the heads: the conv rule widens them like any channels)."""
     heads = ctx.channels(m.num_heads)
     if heads.wide_size % m.num_heads:
         raise ValueError(f'{ctx.path}: {type(m).__name__} needs an integer gpd_ratio (heads are copied whole)')
     copies = heads.wide_size // m.num_heads
     attrs = {'num_heads': heads.wide_size, 'attention_bias_cache': {}}
-    for name in ('key_attn_dim', 'val_attn_dim', 'out_dim'):  # widths of all heads together
+    for name in ('key_attn_dim', 'val_attn_dim', 'out_dim', 'dh'):  # widths of all heads together
         if isinstance(getattr(m, name, None), int):
             attrs[name] = getattr(m, name) * copies
     return ModulePlan(tensors={'attention_biases': plan_of((0, heads, COPY))}, attrs=attrs)

@@ -82,3 +82,22 @@ def rel_pos_bias_tf_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     heads = _heads(ctx, m.num_heads)
     return ModulePlan(tensors={'relative_position_bias_table': plan_of((0, heads, COPY))},
                       attrs={'num_heads': heads.wide_size, 'bias_shape': (heads.wide_size,) + tuple(m.bias_shape[1:])})
+
+
+@register_rule(*timm_types('timm.models.hieradet_sam2', 'MultiScaleAttention'))
+def sam2_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    plan = multi_head_attention_rule(m, ctx)
+    plan.attrs.update({'dim': ctx.channels(m.dim).wide_size, 'dim_out': ctx.channels(m.dim_out).wide_size})
+    return plan
+
+
+@register_rule(*timm_types('timm.models.mvitv2', 'MultiScaleAttention'))
+def multiscale_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """MViT-V2: q/k/v are pooled per head by convs over head_dim (mode 'conv') and get relative
+    position terms over head_dim: none of that widens; heads do."""
+    if m.unshared:
+        raise NotImplementedError(f'{ctx.path} ({type(m).__name__}): unshared pooling convs run over all heads')
+    plan = multi_head_attention_rule(m, ctx)
+    plan.handled.update({'pool_q', 'pool_k', 'pool_v', 'norm_q', 'norm_k', 'norm_v'})
+    plan.attrs['dim_out'] = ctx.channels(m.dim_out).wide_size
+    return plan

@@ -12,6 +12,7 @@ register_rule(*timm_types('timm.models.convit', 'ConVit'))(channel_vectors('cls_
 register_rule(*timm_types('timm.models.crossvit', 'CrossVit'))(channel_vectors(
     *(f'{kind}_{i}' for kind in ('pos_embed', 'cls_token') for i in range(4))))
 register_rule(*timm_types('timm.models.hiera', 'Hiera'))(channel_vectors('pos_embed', 'pos_embed_temporal'))
+register_rule(*timm_types('timm.models.hieradet_sam2', 'HieraDet'))(channel_vectors(('pos_embed', 1), ('pos_embed_window', 1)))
 register_rule(*timm_types('timm.models.convit', 'MHSA'))(multi_head_attention_rule)
 register_rule(*timm_types('timm.models.nest', 'NestLevel'))(channel_vectors('pos_embed'))
 
