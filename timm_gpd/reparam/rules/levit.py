@@ -29,3 +29,14 @@ def head_major_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
         if isinstance(getattr(m, name, None), int):
             attrs[name] = getattr(m, name) * copies
     return ModulePlan(tensors={'attention_biases': plan_of((0, heads, COPY))}, attrs=attrs)
+
+
+@register_rule(*timm_types('timm.models.lowformer', 'ConvAttention'), *timm_types('timm.models.cpubone', 'ConvAttention'))
+def conv_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """LowFormer / CPUBone conv attention: the projected channels are laid out head by head
+    (heads x (q, k, v) x head_dim), one copy-major space; heads widen, head_dim stays."""
+    heads = ctx.channels(m.num_heads)
+    if heads.wide_size % m.num_heads:
+        raise ValueError(f'{ctx.path}: {type(m).__name__} needs an integer gpd_ratio (heads are copied whole)')
+    copies = heads.wide_size // m.num_heads
+    return ModulePlan(attrs={'num_heads': heads.wide_size, 'o_proj_inpdim': m.o_proj_inpdim * copies})
