@@ -85,8 +85,9 @@ def batchnorm_rule(m: nn.modules.batchnorm._BatchNorm, ctx: RuleContext) -> Modu
 
 @register_rule(
     nn.LayerNorm, nn.RMSNorm,
-    *timm_types('timm.layers.norm', 'LayerNorm', 'LayerNorm2d', 'RmsNorm', 'RmsNorm2d', 'SimpleNorm', 'SimpleNorm2d'),
-    *timm_types('timm.layers.norm_act', 'LayerNormAct', 'LayerNormAct2d'))
+    *timm_types('timm.layers.norm', 'LayerNorm', 'LayerNorm2d', 'RmsNorm', 'RmsNorm2d', 'SimpleNorm', 'SimpleNorm2d',
+                'LayerNormFp32', 'LayerNorm2dFp32', 'RmsNormFp32', 'RmsNorm2dFp32', 'SimpleNormFp32', 'SimpleNorm2dFp32'),
+    *timm_types('timm.layers.norm_act', 'LayerNormAct', 'LayerNormAct2d', 'RmsNormAct', 'RmsNormAct2d'))
 def layernorm_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     shape = tuple(m.normalized_shape)
     if len(shape) != 1:
@@ -248,6 +249,8 @@ def multi_head_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
         raise NotImplementedError(f'{ctx.path} (gated {type(m).__name__}) is not supported yet')
     heads = m.num_heads
     fused = [(n, k) for n, k in _FUSED if isinstance(getattr(m, n, None), (nn.Linear, nn.Conv2d))]
+    if getattr(m, 'use_global', False):  # GCViT's global blocks: the query comes from outside, qkv holds k, v
+        fused = [(n, 2 if n == 'qkv' else k) for n, k in fused]
     if fused:
         attn_dim = _out_width(getattr(m, fused[0][0])) // fused[0][1]
     else:

@@ -66,6 +66,9 @@ register_rule(
     *timm_types('timm.models.swin_transformer_v2_cr', 'SwinTransformerV2CrBlock'))(lambda m, ctx: ModulePlan())
 
 
+register_rule(*timm_types('timm.models.gcvit', 'WindowAttentionGlobal'))(multi_head_attention_rule)
+
+
 @register_rule(*timm_types('timm.models.maxxvit', 'AttentionCl', 'Attention2d'))
 def maxxvit_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     """MaxViT / CoAtNet: with ``head_first`` the qkv rows are laid out head by head (heads x

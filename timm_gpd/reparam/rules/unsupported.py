@@ -51,6 +51,8 @@ UNSUPPORTED_TIMM_BLOCKS = (
     ('timm.models.volo', 'OutlookAttention', 'reshapes its values into per-head unfolded windows of a fixed head count'),
     ('timm.models.tnt', 'PixelEmbed', 'reshapes its pixel features with a fixed inner width'),
     ('timm.models.tnt', 'Block', "flattens its pixel tokens (pixels x inner channels) into the outer token's channels"),
+    ('timm.models.swiftformer', 'EfficientAdditiveAttention',
+     'L2-normalizes its queries and keys over channels (r copies have sqrt(r) times the norm)'),
     ('timm.models.nest', 'Attention', 'lays its output channels out head-minor (head_dim x heads)'),
     ('timm.models.rdnet', 'DenseStage', 'concatenates the features of its blocks along channels'),
 )
