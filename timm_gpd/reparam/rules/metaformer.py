@@ -7,7 +7,8 @@ from ._registry import ModulePlan, RuleContext, plan_of, register_rule, timm_typ
 from .layers import channel_vectors, groupnorm_rule, layernorm_rule
 
 register_rule(*timm_types('timm.models.inception_next', 'MetaNeXtBlock'))(channel_vectors('gamma', dim=0))
-register_rule(*timm_types('timm.models.fastvit', 'LayerScale2d'))(channel_vectors('gamma', dim=0))
+register_rule(*timm_types('timm.models.fastvit', 'LayerScale2d'), *timm_types('timm.models.swiftformer', 'LayerScale2d'))(
+    channel_vectors('gamma', dim=0))
 register_rule(*timm_types('timm.models.edgenext', 'ConvBlock'))(channel_vectors('gamma', dim=0))
 # StarReLU's scale and bias are scalars shared by every channel: nothing widens
 register_rule(*timm_types('timm.models.metaformer', 'StarReLU'))(lambda m, ctx: ModulePlan())
