@@ -7,6 +7,7 @@ the student and trained alongside it). Argument names follow timm's train.py;
 Accelerate places the work on CPU / GPU / several processes:
 
     python train.py --data-dir data --dataset torch/fashion_mnist --model resnet18 --gpd
+    python train.py --data-dir data --dataset torch/fashion_mnist --model gpd_resnet18   # the same: GPD of resnet18
     accelerate launch --multi_gpu --num_processes 4 train.py -c configs/gpd_resnet18_imagenet.yaml --data-dir ...
 
 Outputs (see docs/CONTRACTS.md) go to `--output/EXPERIMENT/`: args.yaml, summary.csv,
@@ -305,6 +306,27 @@ def check_model_args(parser, args):
         parser.error('--gpd-cbr-only trains the student with CBR branches alone: it cannot go with --no-gpd-cbr')
 
 
+def zero_bit_posterize_possible(aa: str) -> bool:
+    """ A RandAugment policy whose increasing posterize (-inc1) can draw magnitude 10 (timm's default
+    cap): 4 - int(level / 10 * 4) bits = 0 there. """
+    parts = aa.split('-')
+    if parts[0] != 'rand' or 'inc1' not in parts[1:]:
+        return False
+    opts = {p.rstrip('0123456789.'): p[len(p.rstrip('0123456789.')):] for p in parts[1:]}
+    magnitude = float(opts.get('m') or 10)
+    cap = float(opts.get('mmax') or 10)
+    return cap >= 10 and (magnitude >= 10 or float(opts.get('mstd') or 0) != 0)
+
+
+def pillow_refuses_zero_bit_posterize() -> bool:
+    from PIL import Image, ImageOps
+    try:
+        ImageOps.posterize(Image.new('L', (1, 1)), 0)
+    except ValueError:
+        return True
+    return False
+
+
 def check_recipe_args(parser, args):
     if args.grad_accum_steps < 1:
         parser.error(f'--grad-accum-steps takes a number of steps >= 1, got {args.grad_accum_steps}')
@@ -312,6 +334,10 @@ def check_recipe_args(parser, args):
         parser.error(f'--mixup / --cutmix mix pairs of images: --batch-size must be even, got {args.batch_size}')
     if args.checkpoint_hist < 0:
         parser.error(f'--checkpoint-hist takes a number of checkpoints >= 0, got {args.checkpoint_hist}')
+    if args.aa and zero_bit_posterize_possible(args.aa) and pillow_refuses_zero_bit_posterize():
+        parser.error(f'--aa {args.aa}: timm\'s PosterizeIncreasing asks Pillow for 0 bits at magnitude 10, which '
+                     'this Pillow refuses (a ValueError mid-epoch); keep the magnitude below 10 with -mmax9 '
+                     '(e.g. rand-m9-mstd0.5-inc1-mmax9) or drop -inc1')
     if args.log_wandb:
         try:
             import wandb  # noqa: F401

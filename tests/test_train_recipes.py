@@ -206,3 +206,20 @@ def test_sync_bn_refused_on_cpu_processes(train):
     args = train.parse_args(['--model', 'resnet18', '--sync-bn'])
     with pytest.raises(train.UsageError, match='--sync-bn needs GPU processes'):
         train.prepare_model_layout(args, torch.nn.Linear(2, 2), cpu_ddp)
+
+
+def test_zero_bit_posterize_policy_refused(train, capsys):
+    """ DeiT's rand-m9-mstd0.5-inc1 draws magnitude 10 now and then, where timm's PosterizeIncreasing
+    asks for 0 bits; the Pillow installed here refuses that mid-epoch, so it is refused up front. """
+    if not train.pillow_refuses_zero_bit_posterize():
+        pytest.skip('this Pillow posterizes to 0 bits (black images), as older ones did')
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+    with pytest.raises(ValueError, match='bits'):  # the failure the check prevents, as timm hits it
+        transform = rand_augment_transform('rand-m10-inc1', dict(translate_const=3, img_mean=(128,)))
+        for _ in range(200):
+            transform(Image.new('L', (8, 8), 100))
+    with pytest.raises(SystemExit):
+        train.parse_args(['--aa', 'rand-m9-mstd0.5-inc1'])
+    assert 'keep the magnitude below 10 with -mmax9' in capsys.readouterr().err
+    assert train.parse_args(['--aa', 'rand-m9-mstd0.5-inc1-mmax9']).aa == 'rand-m9-mstd0.5-inc1-mmax9'
