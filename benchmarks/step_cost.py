@@ -57,6 +57,12 @@ def parse_args(argv=None):
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--amp', action='store_true', help='bf16 autocast')
     p.add_argument('--compile', action='store_true', help='torch.compile every model')
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
+    p.add_argument('--cpu-time', action='store_true',
+                   help='time with the CPU time of this process instead of the wall clock (with --threads 1: '
+                        'stable on a shared machine, where other processes stretch the wall clock)')
+    p.add_argument('--cbr-layers', action='store_true',
+                   help="also time each distinct CBR conv alone under every plan (what bounds CBR's cost)")
     p.add_argument('--results-file', default=None, help='write the measurements as JSON')
     p.add_argument('--memory-only', default=None, metavar='JSON', help=argparse.SUPPRESS)  # the CPU memory process
     args = p.parse_args(argv)
@@ -209,6 +215,8 @@ def make_steps(models, args, device):
 
 
 def time_steps(steps, args, device):
+    # CPU time of this process: with one thread, what a step costs whatever else runs on the machine
+    clock = time.process_time if getattr(args, 'cpu_time', False) else time.perf_counter
     for _ in range(args.warmup):
         for fn in steps.values():
             fn()
@@ -217,10 +225,10 @@ def time_steps(steps, args, device):
     for _ in range(args.repeats):
         for name, fn in steps.items():  # interleaved: drifts in clock or load hit every step alike
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -236,7 +244,7 @@ def inference_parity(models, x, args, device):
                 m(x)
         fns[name] = run
     # inference is cheap next to a training step: more repeats keep the ratio's noise below 1 %
-    t = time_steps(fns, argparse.Namespace(warmup=args.warmup, repeats=max(4 * args.repeats, 20)), device)
+    t = time_steps(fns, argparse.Namespace(warmup=args.warmup, repeats=max(4 * args.repeats, 20), cpu_time=args.cpu_time), device)
     return t['extracted'] / t['stock']
 
 
@@ -269,6 +277,72 @@ def memory_in_subprocess(pair, argv) -> dict:
             return json.load(f)
 
 
+def cbr_plans(model, x) -> dict:
+    """How many CBR convs of the GPD model (DT and student) merge which branches at this input."""
+    from timm_gpd.reparam.branches import BRANCHES, CBRConv2d
+    counts, hooks = {}, []
+
+    def record(module, inputs):
+        merged = module.plan(inputs[0])
+        key = 'merge ' + '+'.join(b for b in BRANCHES if b in merged) if merged else 'all on activations'
+        counts[key] = counts.get(key, 0) + 1
+
+    for m in model.modules():
+        if isinstance(m, CBRConv2d):
+            hooks.append(m.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model(x, mode='both')
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def cbr_layer_costs(model, x, args, device) -> list:
+    """Each distinct CBR conv of the GPD model (DT and student) at its input in this step, timed
+    forward + backward: as a plain conv with one kernel (what the floor runs), under the plan the
+    cost model picks, and under the fixed plans. Bounds what CBR can cost at this input size."""
+    from timm_gpd.reparam.branches import BRANCHES, CBRConv2d
+    seen, hooks = {}, []
+
+    def record(module, inputs):
+        key = (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+               module.dilation, module.groups, tuple(inputs[0].shape))
+        seen.setdefault(key, [module, 0])[1] += 1
+
+    for m in model.modules():
+        if isinstance(m, CBRConv2d):
+            hooks.append(m.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model(x, mode='both')
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for key, (module, count) in seen.items():
+        # a fresh conv of the same configuration: the student's CBR convs hold no parameters
+        has_bias = module._parameters.get('bias', 0) is not None
+        m = CBRConv2d.from_conv(torch.nn.Conv2d(*key[:7], bias=has_bias)).to(device)
+        inp = torch.randn(key[-1], device=device, requires_grad=True)
+        kernel = m.weight.detach().clone().requires_grad_(True)
+        plans = {'chosen': m.plan(inp), 'merge_all': frozenset(BRANCHES), 'all_on_activations': frozenset(),
+                 'mix_kxk_on_activations': frozenset(BRANCHES) - {'mix_kxk'}}
+
+        def fwd_bwd(plan=None):
+            out = m._conv(inp, kernel, None) if plan is None else m(inp, merge=plan)
+            out.backward(torch.ones_like(out))
+            m.zero_grad(set_to_none=True)
+            kernel.grad = inp.grad = None
+
+        fns = {'plain_conv': fwd_bwd, **{name: (lambda p=p: fwd_bwd(p)) for name, p in plans.items()}}
+        t = time_steps(fns, argparse.Namespace(warmup=1, repeats=3, cpu_time=args.cpu_time), device)
+        rows.append({'conv': f'{key[0]}->{key[1]} k{key[2]} g{key[6]}', 'input': list(key[-1]), 'count': count,
+                     'chosen': sorted(plans['chosen']), 'times_s': t})
+    return rows
+
+
 def measure_pair(pair, args, argv):
     device = torch.device(args.device)
     models = build(pair, args, device)
@@ -292,6 +366,8 @@ def measure_pair(pair, args, argv):
         'mem gpd/floor': mem['gpd'] / max(mem['floor_held_together'], 1),
         'mem gpd_nocbr/floor': mem['gpd_nocbr'] / max(mem['floor_held_together'], 1),
         'extracted/stock inference': inference_parity(models, x, args, device),
+        'cbr plans': cbr_plans(models['gpd'], x),
+        'cbr layers': cbr_layer_costs(models['gpd'], x, args, device) if args.cbr_layers else None,
     }
 
 
@@ -309,6 +385,8 @@ def describe_device(device: str) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_only:
         device = torch.device(args.device)
         models = build(args.pairs[0], args, device)
@@ -318,7 +396,9 @@ def main(argv=None):
         return
     header = (f'device: {describe_device(args.device)} | torch {torch.__version__} | img {args.img_size} '
               f'batch {args.batch_size} ratio {args.gpd_ratio} | channels_last={args.channels_last} '
-              f'amp={args.amp} compile={args.compile} | {time.strftime("%Y-%m-%d")}')
+              f'amp={args.amp} compile={args.compile} | {"CPU time" if args.cpu_time else "wall clock"} | '
+              f'{time.strftime("%Y-%m-%d %H:%M %Z")} | '
+              f'load average {os.getloadavg()[0]:.2f} (other processes share the machine when > 0)')
     print(header)
     results = []
     for pair in args.pairs:
@@ -334,6 +414,11 @@ def main(argv=None):
                       'mem gpd/floor': ' (target <= 1.20)'}.get(key, '')
             print(f'  {key:28s} {r[key]:.3f}{target}')
         print('  peak MiB: ' + '  '.join(f'{k}={v / 2**20:.0f}' for k, v in r['peak_bytes'].items()))
+        print('  CBR convs: ' + ', '.join(f'{n} {k}' for k, n in r['cbr plans'].items()))
+        for row in r['cbr layers'] or ():
+            print(f"  CBR {row['conv']} at {row['input']} x{row['count']} (chosen: {'+'.join(row['chosen']) or 'none merged'}): "
+                  + '  '.join(f'{k}={v * 1e3:.1f}' for k, v in row['times_s'].items()) + ' ms')
+        print(f'  load average at the end: {os.getloadavg()[0]:.2f}')
     if args.results_file:
         with open(args.results_file, 'w') as f:
             json.dump({'header': header, 'args': vars(args), 'results': results}, f, indent=2)

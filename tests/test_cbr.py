@@ -44,13 +44,23 @@ CONV_SHAPES = [  # (groups, cin, cout, kernel, stride, padding, dilation, bias)
     (2, 4, 6, (5, 3), 2, 'valid', (1, 2), False),
     (1, 4, 3, 3, 1, 'same', 2, True),
 ]
+# a 1x1 map (the last stage at 32 px): a single kernel tap meets the input
+SINGLE_POSITION = [
+    (1, 4, 5, 3, 1, 1, 1, True),
+    (4, 4, 4, 3, 1, 1, 1, False),
+    (2, 4, 6, (3, 5), 2, (2, 4), 2, True),
+    (1, 4, 3, 3, 1, 'same', 2, True),
+    (1, 4, 3, 2, 1, 1, 2, True),  # 2x2 kernel, padding 1, dilation 2: no tap meets it, only the bias remains
+]
 
 
-@pytest.mark.parametrize('groups,cin,cout,k,stride,padding,dilation,bias', CONV_SHAPES)
-def test_every_plan_computes_the_branches_and_their_gradients(groups, cin, cout, k, stride, padding, dilation, bias):
+@pytest.mark.parametrize('groups,cin,cout,k,stride,padding,dilation,bias,size',
+                         [(*s, (7, 8)) for s in CONV_SHAPES] + [(*s, (1, 1)) for s in SINGLE_POSITION])
+def test_every_plan_computes_the_branches_and_their_gradients(groups, cin, cout, k, stride, padding, dilation, bias,
+                                                              size):
     conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=bias)
     m = _random_branches(CBRConv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups, bias))
-    x = torch.randn(2, cin, 7, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, cin, *size, dtype=torch.float64, requires_grad=True)
     m.double()
     reference = _branch_outputs(m, x)
     g_out = torch.randn_like(reference)

@@ -158,7 +158,32 @@ class CBRConv2d(nn.Module):
         return choose_plan(cbr_step_costs(self, x))
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._spatial_conv(x, weight, bias, self.groups)
+
+    def _single_tap(self, x: torch.Tensor) -> Optional[Tuple[int, int]]:
+        """On a 1x1 map with a 1x1 output (late stages of 32 px inputs) every other tap of the
+        kernel meets zero padding: the kernel tap that meets the one input position, if any."""
+        if tuple(x.shape[-2:]) != (1, 1) or conv_output_size(self, x) != (1, 1):
+            return None
+        if self.padding == 'same':
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
+        else:
+            padding = (0, 0) if self.padding == 'valid' else self.padding
+        if any(p % d for p, d in zip(padding, self.dilation)):
+            return None
+        return padding[0] // self.dilation[0], padding[1] // self.dilation[1]
+
+    def _spatial_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int):
+        """F.conv2d with this conv's geometry; on a single position, only the tap it meets (mkldnn
+        would run the whole k x k kernel, and its depthwise path is slowest on such maps)."""
+        tap = self._single_tap(x)
+        if tap is None:
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+        h, w = tap
+        if groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1:  # depthwise: a per-channel scale
+            out = x * weight[:, 0, h, w][:, None, None]
+            return out if bias is None else out + bias[:, None, None]
+        return F.conv2d(x, weight[:, :, h:h + 1, w:w + 1], bias, 1, 0, 1, groups)
 
     def _pointwise(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight[..., None, None], None, 1, 0, 1, self.groups)
@@ -179,8 +204,7 @@ class CBRConv2d(nn.Module):
         one_by_one = torch.stack([self._grouped(s[b][:, None] * weights[b], self.out_channels) for b in which], 1)
         y = self._pointwise(x, one_by_one.reshape(-1, one_by_one.shape[-1]))
         spatial = torch.stack([fixed[b] for b in which])[None, :, None].expand(g, -1, og, -1, -1)
-        y = F.conv2d(y, spatial.reshape(-1, 1, *self.kernel_size), None, self.stride, self.padding,
-                     self.dilation, y.shape[1])
+        y = self._spatial_conv(y, spatial.reshape(-1, 1, *self.kernel_size), None, y.shape[1])
         return y.unflatten(1, (g, len(which), og)).sum(2).flatten(1, 2)
 
     def _on_activations(self, x: torch.Tensor, branches: Sequence[str]) -> List[torch.Tensor]:
@@ -194,7 +218,7 @@ class CBRConv2d(nn.Module):
             mixed = self._pointwise(x, self.mixer + self.mixer_identity)
             out.append(self._scaled_conv(mixed, self.w_kxk, s[3]))
         if 'dw_pw' in branches:
-            dw = F.conv2d(x, self.w_dw[:, None], None, self.stride, self.padding, self.dilation, self.in_channels)
+            dw = self._spatial_conv(x, self.w_dw[:, None], None, self.in_channels)
             out.append(self._pointwise(dw, s[4][:, None] * self.w_pw))
         return out
 
@@ -239,11 +263,11 @@ class CBRConv2d(nn.Module):
 
 # The cost model's two machine constants. Elementwise passes over kernel- or activation-sized
 # tensors are bound by memory, convolutions by arithmetic: a byte moved is priced at
-# BYTE_COST multiply-add FLOPs. Depthwise convs run far below a dense conv's FLOP rate
-# (mkldnn, CPU): their FLOPs are priced DEPTHWISE_COST times higher. Measured values and the
-# microbenchmark: benchmarks/README.md (step cost).
+# BYTE_COST FLOPs. Depthwise convs run far below a dense conv's FLOP rate (mkldnn on this CPU:
+# 4x to 250x, slowest on the smallest maps): their FLOPs are priced DEPTHWISE_COST times higher.
+# Set from per-layer timings (benchmarks/step_cost.py --cbr-layers, benchmarks/README.md).
 BYTE_COST = 16.0
-DEPTHWISE_COST = 20.0
+DEPTHWISE_COST = 200.0
 # Passes over a kernel-sized tensor (reads + writes, forward + backward) that merging a branch
 # adds, as implemented in CBRConv2d.merge_kernel under eager autograd.
 MERGE_PASSES = {'origin': 8, 'avg': 4, 'prior': 4, 'mix_kxk': 14, 'dw_pw': 10}
