@@ -83,12 +83,26 @@ NEW_FAMILIES = [
     # window and channel attention
     ('davit', 'davit_tiny', dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4))),
 ]
-FAMILIES = FAMILIES + NEW_FAMILIES
+# further families the same rules cover, tested at ratio 2 only (with and without CBR)
+MORE_FAMILIES = [
+    ('convit', 'convit_tiny', dict(img_size=32, patch_size=8, depth=2, local_up_to_layer=1)),  # gated positional attention
+    ('fastvit', 'fastvit_t8', {}),  # its own LayerScale2d
+    ('cpubone', 'cpubone_nano', {}),  # head-major conv attention, GroupNorm1
+    ('maxxvit', 'test_coatnet', dict(img_size=32)),  # head-first qkv, RelPosBias
+    ('efficientformerv2', 'efficientformerv2_s0', dict(img_size=32, depths=(1, 1, 1, 1))),  # talking heads over convs
+    ('pit', 'pit_ti_224', dict(img_size=32, patch_size=8, stride=4, depth=(1, 1, 1))),  # [1, C, H, W] position embedding
+    ('twins', 'twins_svt_small', dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4))),
+    ('vit_relpos', 'vit_relpos_small_patch16_224', dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)),
+    ('swinv2_cr', 'swinv2_cr_tiny_224',  # meta-MLP position bias, V1-style patch merging
+     dict(img_size=32, window_size=4, embed_dim=16, depths=(2, 1), num_heads=(1, 2), drop_path_rate=0.)),
+]
+FAMILIES = FAMILIES + NEW_FAMILIES + MORE_FAMILIES
 FAMILY_IDS = [f[0] for f in FAMILIES]
 # ratios each family is tested at (the families added with per-family rules: 2, and 1.5 when it
 # must be refused, to keep the matrix fast)
 FAMILY_RATIOS = {f[0]: (2, 3, 1.5) for f in FAMILIES}
 FAMILY_RATIOS.update({f[0]: (2, 1.5) for f in NEW_FAMILIES})
+FAMILY_RATIOS.update({f[0]: (2,) for f in MORE_FAMILIES})
 # LayerNorm / GroupNorm / GRN over channels, weight standardization and LeViT's whole-head
 # attention stay exact only with integer ratios
 INTEGER_RATIO_ONLY = {
@@ -96,7 +110,7 @@ INTEGER_RATIO_ONLY = {
     'poolformer', 'poolformerv2', 'cait', 'beit', 'eva', 'pvt_v2', 'xcit', 'davit'}
 # no k x k stride-1 nn.Conv2d: CBR leaves the model as it is
 NO_CBR_CONV = {'vit', 'deit_distilled', 'mlp_mixer', 'resmlp', 'swin', 'swinv2', 'levit', 'nfnet', 'poolformer',
-               'poolformerv2', 'cait', 'beit', 'eva'}
+               'poolformerv2', 'cait', 'beit', 'eva', 'convit', 'pit', 'vit_relpos', 'swinv2_cr'}
 
 
 def create(arch, kwargs):
@@ -114,7 +128,11 @@ def make_student(arch, kwargs, seed=0):
     identity: give them random values.
     """
     torch.manual_seed(seed)
-    return randomize_hidden(create(arch, kwargs))
+    model = randomize_hidden(create(arch, kwargs))
+    for m in model.modules():  # train-mode randomness would make DT and student differ by chance
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
 
 
 def _is_norm(module: nn.Module) -> bool:
