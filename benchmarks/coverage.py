@@ -11,7 +11,8 @@ as one of
   exact     the DT was built and reproduces the student
   refused   GPD raised a clear error (NotImplementedError / ValueError of timm_gpd): stage
             ``plan`` = up front, ``check`` = the construction check caught it
-  error     anything else (a crash), a wrong DT that passed the construction check, or a timeout
+  error     anything else: a crash, or a wrong DT that passed the construction check
+  timeout   not finished within ``--time-limit`` (a large smallest model on a slow machine)
   no-model  the timm model itself could not be built or run on CPU (not GPD's fault)
 
 Each family runs in its own process under a time limit; results are cached per family in
@@ -43,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument('--output', default=DEFAULT_OUT, help='results folder (coverage.json, coverage.md, coverage.txt)')
     p.add_argument('--time-limit', type=float, default=600, help='seconds per family (default 600)')
     p.add_argument('--rerun', action='store_true', help='redo families already in the cache')
+    p.add_argument('--skip', nargs='+', default=(), help='modules to leave as they are in the cache')
     p.add_argument('--threads', type=int, default=1, help='torch threads per family process')
     p.add_argument('--one', default=None, help=argparse.SUPPRESS)  # worker: one module, JSON on stdout
     p.add_argument('--model', default=None, help=argparse.SUPPRESS)  # worker: the model chosen by an earlier run
@@ -168,8 +170,8 @@ def run_one(module: str, args, model: Optional[str] = None) -> Dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.time_limit, env=env)
     except subprocess.TimeoutExpired:
-        return {'module': module, 'status': 'error', 'reason': f'time limit of {args.time_limit:g} s exceeded',
-                'seconds': round(time.time() - start, 1)}
+        return {'module': module, 'model': model or '?', 'status': 'timeout',
+                'reason': f'time limit of {args.time_limit:g} s exceeded', 'seconds': round(time.time() - start, 1)}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
@@ -179,6 +181,8 @@ def run_one(module: str, args, model: Optional[str] = None) -> Dict:
 
 
 def family_status(r: Dict, mode: str) -> str:
+    if r.get('status') == 'error' and r.get('reason', '').startswith('time limit'):
+        return 'timeout'  # written by an earlier version of this script
     return r.get('status') or r.get(mode, {}).get('status', 'error')
 
 
@@ -252,7 +256,7 @@ def main(argv=None):
     suffix = '' if args.ratio == 2 else f'_r{args.ratio:g}'
     cache_path = os.path.join(args.output, f'coverage{suffix}.json')
     results = load_cache(cache_path)
-    todo = [m for m in modules if args.rerun or m not in results]
+    todo = [m for m in modules if (args.rerun and m not in args.skip) or m not in results]
     with tqdm(total=len(modules), initial=len(modules) - len(todo), unit='family') as bar:
         for module in todo:
             bar.set_postfix_str(module)
@@ -261,12 +265,11 @@ def main(argv=None):
             tqdm.write(render_text({module: results[module]}, args.ratio).splitlines()[0])
             write_atomic(cache_path, json.dumps(
                 {'ratio': args.ratio, 'timm': timm.__version__, 'families': results}, indent=1, sort_keys=True))
-    shown = {m: results[m] for m in modules if m in results}
-    text = render_text(shown, args.ratio)
-    if not args.modules:  # the summary files describe the whole zoo
-        write_atomic(os.path.join(args.output, f'coverage{suffix}.txt'), text)
-        write_atomic(os.path.join(args.output, f'coverage{suffix}.md'), render_markdown(shown, args.ratio))
-    print(text, end='')
+    # the summary files describe every family in the cache (a partial rerun updates its lines)
+    everything = {m: results[m] for m in known if m in results}
+    write_atomic(os.path.join(args.output, f'coverage{suffix}.txt'), render_text(everything, args.ratio))
+    write_atomic(os.path.join(args.output, f'coverage{suffix}.md'), render_markdown(everything, args.ratio))
+    print(render_text({m: results[m] for m in modules if m in results}, args.ratio), end='')
     return 0
 
 
