@@ -38,6 +38,15 @@ class RuleContext:
                 f'gpd_ratio {self.ratio} adds no channel to {self.path} ({n} channels); use a larger ratio')
         return cmap
 
+    def heads(self, n: int) -> ChannelMap:
+        """How ``n`` attention heads widen: copied whole, so the ratio must give a multiple of n.
+        Not a channel count: not recorded in ``widths``."""
+        cmap = ChannelMap((n,), (widened_size(n, self.ratio),))
+        if cmap.wide_size % n or not cmap.expanded:
+            raise ValueError(f'{self.path}: heads are copied whole: use an integer gpd_ratio for this model '
+                             f'(ratio {self.ratio} gives {n} -> {cmap.wide_size} heads)')
+        return cmap
+
     def but(self, **changes) -> 'RuleContext':
         """The same context (same shared widths) with some fields changed."""
         return dataclasses.replace(self, **changes)

@@ -20,9 +20,7 @@ from ._registry import ModulePlan, RuleContext, plan_of, register_rule, timm_typ
 def head_major_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     """LeViT, EfficientFormer (V1, V2) and TinyViT attention: head-major q/k/v rows, per-head biases
     (V2's talking-head 1x1 convs run across the heads: the conv rule widens them like any channels)."""
-    heads = ctx.channels(m.num_heads)
-    if heads.wide_size % m.num_heads:
-        raise ValueError(f'{ctx.path}: {type(m).__name__} needs an integer gpd_ratio (heads are copied whole)')
+    heads = ctx.heads(m.num_heads)
     copies = heads.wide_size // m.num_heads
     attrs = {'num_heads': heads.wide_size, 'attention_bias_cache': {}}
     for name in ('key_attn_dim', 'val_attn_dim', 'out_dim', 'dh'):  # widths of all heads together
@@ -35,8 +33,6 @@ def head_major_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
 def conv_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     """LowFormer / CPUBone conv attention: the projected channels are laid out head by head
     (heads x (q, k, v) x head_dim), one copy-major space; heads widen, head_dim stays."""
-    heads = ctx.channels(m.num_heads)
-    if heads.wide_size % m.num_heads:
-        raise ValueError(f'{ctx.path}: {type(m).__name__} needs an integer gpd_ratio (heads are copied whole)')
+    heads = ctx.heads(m.num_heads)
     copies = heads.wide_size // m.num_heads
     return ModulePlan(attrs={'num_heads': heads.wide_size, 'o_proj_inpdim': m.o_proj_inpdim * copies})

@@ -8,10 +8,7 @@ from .layers import head_maps, multi_head_attention_rule
 
 
 def _heads(ctx: RuleContext, num_heads: int):
-    heads = ctx.channels(num_heads)
-    if heads.wide_size % num_heads:
-        raise ValueError(f'{ctx.path}: per-head position biases need an integer gpd_ratio (heads are copied whole)')
-    return heads
+    return ctx.heads(num_heads)
 
 
 @register_rule(*timm_types('timm.layers.pos_embed_rel', 'RelPosBias'))
