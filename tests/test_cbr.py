@@ -217,3 +217,14 @@ def test_shared_tensor_gives_the_gradients_of_separate_views(rows, cols):
     _, student = shared_tensor(wide, plan)
     torch.testing.assert_close(torch.autograd.grad(student, wide, g_student)[0],
                                torch.autograd.grad(student_view(wide, plan), wide, g_student)[0])
+
+
+@pytest.mark.parametrize('groups', [1, 8])
+@pytest.mark.parametrize('size', [(1, 1), (6, 6)])
+def test_every_plan_keeps_the_conv_dtype_under_autocast(groups, size):
+    m = CBRConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1, groups=groups))
+    x = torch.randn(2, 8, *size)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        expected = nn.functional.conv2d(x, m.weight, m.bias, 1, 1, 1, groups).dtype
+        for plan in PLANS:
+            assert m(x, merge=plan).dtype == expected == torch.bfloat16, sorted(plan)

@@ -181,8 +181,11 @@ class CBRConv2d(nn.Module):
             return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
         h, w = tap
         if groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1:  # depthwise: a per-channel scale
-            out = x * weight[:, 0, h, w][:, None, None]
-            return out if bias is None else out + bias[:, None, None]
+            # a multiply is not an autocast op: compute in the dtype autocast gives the conv
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            out = x.to(dtype) * weight[:, 0, h, w].to(dtype)[:, None, None]
+            return out if bias is None else out + bias.to(dtype)[:, None, None]
         return F.conv2d(x, weight[:, :, h:h + 1, w:w + 1], bias, 1, 0, 1, groups)
 
     def _pointwise(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -192,7 +195,8 @@ class CBRConv2d(nn.Module):
         """conv(x, scale * weight), the scale applied to whichever of kernel and output is smaller."""
         out_numel = x.shape[0] * self.out_channels * math.prod(conv_output_size(self, x))
         if out_numel < weight.numel():
-            return self._conv(x, weight, None) * scale[:, None, None]
+            out = self._conv(x, weight, None)
+            return out * scale.to(out.dtype)[:, None, None]  # under autocast: stay in the conv's dtype
         return self._conv(x, scale[:, None, None, None] * weight, None)
 
     def _fixed_kernel_branches(self, x: torch.Tensor, which: Sequence[int]) -> torch.Tensor:
@@ -236,7 +240,7 @@ class CBRConv2d(nn.Module):
         else:
             outs = self._on_activations(x, BRANCHES)
             if self.bias is not None:
-                outs[0] = outs[0] + self.bias[:, None, None]
+                outs[0] = outs[0] + self.bias.to(outs[0].dtype)[:, None, None]
         out = outs[0]
         for o in outs[1:]:
             out = out + o
