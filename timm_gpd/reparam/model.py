@@ -186,30 +186,6 @@ class GPDModel(nn.Module):
         with torch.no_grad(), _plugged(self.student, self.student_parameters()):
             return super().__repr__()
 
-
-@contextmanager
-def _plugged(student: nn.Module, params: Dict[str, torch.Tensor]):
-    """Put ``params`` (computed views) into the student's emptied parameter slots for one call.
-    Being plain tensors of the graph, they trace as operations on the DT's parameters."""
-    slots = []
-    try:
-        for name, value in params.items():
-            path, _, attr = name.rpartition('.')
-            module = student.get_submodule(path)
-            module._parameters[attr] = value
-            slots.append((module, attr))
-        yield
-    finally:
-        for module, attr in slots:
-            del module._parameters[attr]
-
-
-class _StudentOf(nn.Module):
-    """Calls a GPDModel's student path, for the construction checks."""
-
-    def __init__(self, gpd: GPDModel):
-        super().__init__()
-        self.__dict__['gpd'] = gpd  # not a submodule: the check must not register it twice
     # ---- the timm model interface, answered for the student (the model that gets deployed)
 
     def _trained(self) -> Tuple[str, nn.Module]:
@@ -296,6 +272,30 @@ class _StudentOf(nn.Module):
         teacher_names = {name for name, _ in self.teacher.named_parameters()}
         self._shared = {name: plan for name, plan in self._shared.items() if name in teacher_names}
 
+
+@contextmanager
+def _plugged(student: nn.Module, params: Dict[str, torch.Tensor]):
+    """Put ``params`` (computed views) into the student's emptied parameter slots for one call.
+    Being plain tensors of the graph, they trace as operations on the DT's parameters."""
+    slots = []
+    try:
+        for name, value in params.items():
+            path, _, attr = name.rpartition('.')
+            module = student.get_submodule(path)
+            module._parameters[attr] = value
+            slots.append((module, attr))
+        yield
+    finally:
+        for module, attr in slots:
+            del module._parameters[attr]
+
+
+class _StudentOf(nn.Module):
+    """Calls a GPDModel's student path, for the construction checks."""
+
+    def __init__(self, gpd: GPDModel):
+        super().__init__()
+        self.__dict__['gpd'] = gpd  # not a submodule: the check must not register it twice
 
     def forward(self, x):
         return self.gpd.forward_student(x)
