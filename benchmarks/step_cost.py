@@ -279,24 +279,29 @@ def memory_in_subprocess(pair, argv) -> dict:
 
 def cbr_plans(model, x) -> dict:
     """How many CBR convs of the GPD model (DT and student) merge which branches at this input."""
-    from timm_gpd.reparam.branches import BRANCHES, CBRConv2d
-    counts, hooks = {}, []
+    from timm_gpd.reparam.branches import BRANCHES
+    counts = {}
 
-    def record(module, inputs):
-        merged = module.plan(inputs[0])
+    def record(module, inp):
+        merged = module.plan(inp)
         key = 'merge ' + '+'.join(b for b in BRANCHES if b in merged) if merged else 'all on activations'
         counts[key] = counts.get(key, 0) + 1
 
-    for m in model.modules():
-        if isinstance(m, CBRConv2d):
-            hooks.append(m.register_forward_pre_hook(record))
+    _visit_cbr_calls(model, x, record)
+    return counts
+
+
+def _visit_cbr_calls(model, x, visit):
+    """One no-grad forward of both modes, calling ``visit(module, input)`` at every CBR conv call."""
+    from timm_gpd.reparam.branches import CBRConv2d
+    hooks = [m.register_forward_pre_hook(lambda module, inputs: visit(module, inputs[0]))
+             for m in model.modules() if isinstance(m, CBRConv2d)]
     try:
         with torch.no_grad():
             model(x, mode='both')
     finally:
         for h in hooks:
             h.remove()
-    return counts
 
 
 def cbr_layer_costs(model, x, args, device) -> list:
@@ -304,22 +309,14 @@ def cbr_layer_costs(model, x, args, device) -> list:
     forward + backward: as a plain conv with one kernel (what the floor runs), under the plan the
     cost model picks, and under the fixed plans. Bounds what CBR can cost at this input size."""
     from timm_gpd.reparam.branches import BRANCHES, CBRConv2d
-    seen, hooks = {}, []
+    seen = {}
 
-    def record(module, inputs):
+    def record(module, inp):
         key = (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-               module.dilation, module.groups, tuple(inputs[0].shape))
+               module.dilation, module.groups, tuple(inp.shape))
         seen.setdefault(key, [module, 0])[1] += 1
 
-    for m in model.modules():
-        if isinstance(m, CBRConv2d):
-            hooks.append(m.register_forward_pre_hook(record))
-    try:
-        with torch.no_grad():
-            model(x, mode='both')
-    finally:
-        for h in hooks:
-            h.remove()
+    _visit_cbr_calls(model, x, record)
     rows = []
     for key, (module, count) in seen.items():
         # a fresh conv of the same configuration: the student's CBR convs hold no parameters
