@@ -10,6 +10,9 @@ bash scripts/get_fashion_mnist.sh data
 py=.venv/bin/python
 exp=${EXPERIMENT:-demo-gpd-resnet18}
 data=(--data-dir data --dataset torch/fashion_mnist)
+# the demo's own folder starts empty: train.py would otherwise pick a new name (EXP-1) and the
+# steps below would validate the previous run's student
+rm -rf "output/$exp"
 
 $py train.py "${data[@]}" --model resnet18 --in-chans 1 --img-size 32 --mean 0.2860 --std 0.3530 \
     --gpd --gpd-ratio 2 --epochs 2 --batch-size 64 --lr 0.05 --warmup-epochs 0 \
