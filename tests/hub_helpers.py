@@ -1,9 +1,10 @@
 """Test helpers for validate.py and hfhub: train.py-style run folders made by hand, an offline
 Hugging Face cache, and a fake HfApi. (Fashion-MNIST on disk comes from conftest.fashion_mnist_root.)"""
 import csv
+import random
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -12,6 +13,30 @@ import yaml
 
 from timm_gpd.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
 from timm_gpd.checkpoint import read_summary as read_run_summary
+
+def bad_torch_files(good: bytes) -> Dict[str, Tuple[Optional[bytes], str]]:
+    """The broken .pth files a user may pass (None: no file), made from a good file's bytes, and what
+    the one-line error must say about each."""
+    return {
+        'missing.pth': (None, 'does not exist'),
+        'empty.pth': (b'', 'is empty'),
+        # these bytes end torch.load in IndexError('pop from empty list'), not in an UnpicklingError
+        'random.pth': (random.Random(2).randbytes(4096), 'is truncated or not a PyTorch file'),
+        'truncated.pth': (good[:len(good) // 2], 'is truncated or not a PyTorch file'),
+    }
+
+
+def write_bad_files(directory: Path, contents: Dict[str, Tuple[Optional[bytes], str]]) -> Dict[str, Tuple[Path, str]]:
+    """Write each file of ``contents`` (name -> (bytes or None, message)) into ``directory``;
+    returns name -> (path, message)."""
+    paths = {}
+    for name, (content, message) in contents.items():
+        path = directory / name
+        if content is not None:
+            path.write_bytes(content)
+        paths[name] = (path, message)
+    return paths
+
 
 def randomize_bn_stats(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Non-default BN running stats, so a test notices when a loader drops or swaps them."""

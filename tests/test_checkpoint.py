@@ -1,7 +1,6 @@
 """The checkpoint contract (timm_gpd.checkpoint) and what train.py does with it: atomic writes that
 leave no temporary file, one-line errors for bad files from every entry point, divergence that
 stops a run without losing its last good checkpoint, and the early, clear refusals of bad settings."""
-import random
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import torch
 from timm_gpd import checkpoint as ckpt_lib
 from timm_gpd.checkpoint import CheckpointError, NonFiniteWeightsError
 
+from hub_helpers import bad_torch_files, write_bad_files
+
 MODEL = 'test_resnet'
 
 
@@ -25,23 +26,13 @@ def _bad_files(tmp_path):
     safetensors.torch.save_file(good, str(tmp_path / 'good.safetensors'))
     st_data = (tmp_path / 'good.safetensors').read_bytes()
     contents = {
-        'missing.pth': (None, 'does not exist'),
-        'empty.pth': (b'', 'is empty'),
-        # these bytes end torch.load in IndexError('pop from empty list'), not in an UnpicklingError
-        'random.pth': (random.Random(2).randbytes(4096), 'is truncated or not a PyTorch file'),
-        'truncated.pth': (data[:len(data) // 2], 'is truncated or not a PyTorch file'),
+        **bad_torch_files(data),
         'missing.safetensors': (None, 'does not exist'),
         'empty.safetensors': (b'', 'is empty'),
         'random.safetensors': (bytes(range(256)) * 16, 'is truncated or not a safetensors file'),
         'truncated.safetensors': (st_data[:len(st_data) // 2], 'is truncated or not a safetensors file'),
     }
-    files = {}
-    for name, (content, message) in contents.items():
-        path = tmp_path / name
-        if content is not None:
-            path.write_bytes(content)
-        files[name] = (path, message)
-    return files
+    return write_bad_files(tmp_path, contents)
 
 
 def test_read_weights_errors_are_one_line_and_name_the_file(tmp_path):

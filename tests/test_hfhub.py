@@ -1,7 +1,6 @@
 """Publishing students (hfhub.publish), the model card, and loading them back offline."""
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -15,8 +14,8 @@ from torchvision.datasets import FashionMNIST
 
 from hfhub import cache as hub_cache
 from hfhub.publish import PublishError, main as publish_main, publish
-from hub_helpers import (GPD_ARCH, FakeHfApi, make_stock_run, offline_hub, read_summary, shared_gpd_run,
-                         shared_train_run, summary_rows, train_args, write_run)
+from hub_helpers import (GPD_ARCH, FakeHfApi, bad_torch_files, make_stock_run, offline_hub, read_summary,
+                         shared_gpd_run, shared_train_run, summary_rows, train_args, write_bad_files, write_run)
 from timm_gpd.checkpoint import CheckpointError, build_model, extract_student, hardware_description, load_checkpoint
 
 REPO_ID = 'gpd-test/resnet18.gpd_fmnist'
@@ -195,21 +194,11 @@ def _bad_files(tmp_path, stock_run):
     """Files a user may pass by mistake, and what the one-line error must say about each."""
     data = stock_run.read_bytes()
     files = {
-        'missing.pth': (None, 'does not exist'),
-        'empty.pth': (b'', 'is empty'),
-        # these bytes end torch.load in IndexError('pop from empty list'), not in an UnpicklingError
-        'random.pth': (random.Random(2).randbytes(4096), 'is truncated or not a PyTorch file'),
-        'truncated.pth': (data[:len(data) // 2], 'is truncated or not a PyTorch file'),
+        **bad_torch_files(data),
         'empty.safetensors': (b'', 'is empty'),
         'random.safetensors': (bytes(range(256)) * 64, 'not a timm-gpd checkpoint'),
     }
-    paths = {}
-    for name, (content, message) in files.items():
-        path = tmp_path / name
-        if content is not None:
-            path.write_bytes(content)
-        paths[name] = (path, message)
-    return paths
+    return write_bad_files(tmp_path, files)
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path, stock_run):
