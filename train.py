@@ -725,10 +725,9 @@ def validate(model: nn.Module, loader, accelerator, dynamic_teacher: bool, ema_m
 
 def read_summary(path: str, start_epoch: int) -> List[dict]:
     # rows of epochs that will run again (a kill after the row, before the checkpoint) are dropped
-    if start_epoch == 0 or not os.path.exists(path):
+    if start_epoch == 0:
         return []
-    with open(path, newline='') as f:
-        return [row for row in csv.DictReader(f) if int(row['epoch']) < start_epoch]
+    return [row for row in gpd_checkpoint.read_summary(path) if row['epoch'] < start_epoch]
 
 
 def write_summary(path: str, rows: List[dict]):
