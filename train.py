@@ -57,10 +57,11 @@ from timm_gpd.task import RenormalizedTeacher, TrainTask
 _logger = logging.getLogger('train')
 
 LOSS_PARTS = ('student_ce', 'student_kd', 'student_dt', 'dt_ce', 'dt_kd')
+EVAL_METRICS = ('loss', 'top1', 'top5', 'dt_top1', 'dt_top5', 'ema_top1', 'ema_top5', 'gap_top1')
 SUMMARY_COLUMNS = (
     'epoch', 'lr', 'train_loss', *(f'train_{p}' for p in LOSS_PARTS),
     'eval_loss', 'eval_top1', 'eval_top5', 'eval_dt_top1', 'eval_dt_top5', 'eval_ema_top1', 'eval_ema_top5',
-    'eval_gap_top1', 'epoch_time',
+    'eval_gap_top1', *(f'test_{k}' for k in EVAL_METRICS), 'epoch_time',
 )
 # arguments that define the learning-rate schedule: a resumed run keeps the saved
 # scheduler state only if none of them changed
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='allow download of dataset for torch/ and tfds/ datasets that support it')
     group.add_argument('--train-limit', type=int, default=None, metavar='N', help='train on the first N images only')
     group.add_argument('--val-limit', type=int, default=None, metavar='N', help='validate on the first N images only')
+    group.add_argument('--val-holdout', type=int, default=0, metavar='N',
+                       help='validate on the last N images of --train-split (held out of training) and '
+                            'evaluate --val-split every epoch as a test set: its test_* columns in '
+                            'summary.csv are never used for a choice (best checkpoint, plateau schedule)')
 
     group = parser.add_argument_group('Model parameters')
     group.add_argument('--model', default='resnet18', type=str, metavar='MODEL',
@@ -162,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='CBR student without a dynamic teacher (ablation)')
     group.add_argument('--gpd-noise', type=float, default=0.01, help='function-preserving symmetry-breaking noise')
     group.add_argument('--gpd-seed', type=int, default=0, help='seed of the symmetry-breaking noise')
+    group.add_argument('--gpd-decouple-student', action='store_true', default=False,
+                       help='ablation: divide the student\'s gradient on each shared DT tensor by the square '
+                            'of its view\'s copy count, so its own loss moves it at --lr rather than '
+                            'ratio**2 x --lr (the published method couples them)')
     group.add_argument('--gpd-dt-weight', type=float, default=3.0, help='weight of the DT -> student term')
 
     group = parser.add_argument_group('Optimizer parameters')
@@ -428,13 +437,27 @@ def build_datasets(args):
     return train_ds, val_ds
 
 
-def set_transform(dataset, transform, limit: Optional[int]):
+def set_transform(dataset, transform, limit: Optional[int], start: int = 0, stop: Optional[int] = None):
+    """ The images [start, stop) of ``dataset`` under ``transform``, at most the first ``limit`` of them. """
     dataset.transform = transform
+    stop = len(dataset) if stop is None else stop
     if limit is not None:
         if limit < 1:
             raise UsageError(f'subset limits must be >= 1, got {limit}')
-        dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+        stop = min(stop, start + limit)
+    if (start, stop) != (0, len(dataset)):
+        dataset = torch.utils.data.Subset(dataset, range(start, stop))
     return dataset
+
+
+def holdout_bounds(args, num_images: int) -> int:
+    """ --val-holdout: index of the first held-out training image. """
+    if args.val_holdout < 0:
+        raise UsageError(f'--val-holdout must be >= 0, got {args.val_holdout}')
+    if args.val_holdout >= num_images:
+        raise UsageError(f'--val-holdout {args.val_holdout} leaves no training image: the {args.train_split!r} '
+                         f'split has {num_images}')
+    return num_images - args.val_holdout
 
 
 def resolve_data(args, model: nn.Module) -> dict:
@@ -514,6 +537,7 @@ def gpd_kwargs(args) -> dict:
         cbr_init='finetune' if finetune else 'scratch',
         noise=args.gpd_noise,
         seed=args.gpd_seed,
+        decouple_student=args.gpd_decouple_student,
     )
 
 
@@ -784,20 +808,30 @@ def build_loaders(args, data_config: dict, train_ds, val_ds):
     train_tf.transforms.insert(0, ConvertImageMode(mode))
     eval_tf.transforms.insert(0, ConvertImageMode(mode))
     train_images = train_ds
-    train_ds = set_transform(train_ds, train_tf, args.train_limit)
-    val_ds = set_transform(val_ds, eval_tf, args.val_limit)
+    test_ds = None
+    num_train = len(train_ds)
+    if args.val_holdout:
+        # the held-out tail of the training split validates; the validation split becomes the test set
+        num_train = holdout_bounds(args, len(train_ds))
+        test_ds = set_transform(val_ds, eval_tf, None)
+        val_ds = set_transform(copy(train_ds), eval_tf, args.val_limit, start=num_train)
+    else:
+        val_ds = set_transform(val_ds, eval_tf, args.val_limit)
+    train_ds = set_transform(train_ds, train_tf, args.train_limit, stop=num_train)
     loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem)
     train_loader = torch.utils.data.DataLoader(
         train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kwargs)
-    val_loader = torch.utils.data.DataLoader(
-        val_ds, batch_size=args.validation_batch_size or args.batch_size, shuffle=False, **loader_kwargs)
+    eval_batch = args.validation_batch_size or args.batch_size
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=eval_batch, shuffle=False, **loader_kwargs)
+    test_loader = None if test_ds is None else torch.utils.data.DataLoader(
+        test_ds, batch_size=eval_batch, shuffle=False, **loader_kwargs)
     bn_loader = None
     if args.precise_bn > 0:
         bn_ds = copy(train_images)  # the training images under the eval transforms (shares the image data)
-        bn_limit = min(args.train_limit or len(bn_ds), args.precise_bn * args.batch_size)
+        bn_limit = min(args.train_limit or num_train, num_train, args.precise_bn * args.batch_size)
         bn_loader = torch.utils.data.DataLoader(
             set_transform(bn_ds, eval_tf, bn_limit), batch_size=args.batch_size, shuffle=False, **loader_kwargs)
-    return train_loader, val_loader, bn_loader
+    return train_loader, val_loader, test_loader, bn_loader
 
 
 def mixup_active(args) -> bool:
@@ -1026,8 +1060,9 @@ def main(argv=None):
     dynamic_teacher = args.gpd and model.has_teacher
     if args.eval_metric.startswith(('dt_', 'gap_')) and not dynamic_teacher:
         raise UsageError(f'--eval-metric {args.eval_metric} needs a dynamic teacher (--gpd without --gpd-cbr-only)')
-    train_loader, val_loader, bn_loader = build_loaders(args, data_config, train_ds, val_ds)
+    train_loader, val_loader, test_loader, bn_loader = build_loaders(args, data_config, train_ds, val_ds)
     num_train, num_val = len(train_loader.dataset), len(val_loader.dataset)
+    num_test = len(test_loader.dataset) if test_loader is not None else 0
     teacher = None
     if args.teacher:
         teacher = renormalized_teacher(
@@ -1044,6 +1079,8 @@ def main(argv=None):
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if bn_loader is not None:
         bn_loader = accelerator.prepare(bn_loader)
+    if test_loader is not None:
+        test_loader = accelerator.prepare(test_loader)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if len(train_loader) == 0:
         raise UsageError(f'no full training batch: {num_train} images for batch size {args.batch_size} '
@@ -1080,7 +1117,8 @@ def main(argv=None):
                      f'{"dynamic teacher, " if dynamic_teacher else ""}'
                      f'{"static teacher " + args.teacher + ", " if teacher is not None else ""}'
                      f'{accelerator.num_processes} process(es) on {accelerator.device.type}, '
-                     f'{num_train} train / {num_val} val images, {num_epochs} epochs')
+                     f'{num_train} train / {num_val} val' + (f' / {num_test} test' if num_test else '') +
+                     f' images, {num_epochs} epochs')
     if args.log_wandb:
         accelerator.init_trackers(args.experiment or os.path.basename(output_dir or 'timm-gpd'), config=vars(args))
 
@@ -1113,6 +1151,10 @@ def main(argv=None):
             if scheduler is not None:
                 scheduler.step(epoch + 1, metric)
             _logger.info(f'Epoch {epoch}: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+            test_metrics = {}
+            if test_loader is not None:  # recorded only: no choice below reads it
+                test_metrics = validate(unwrapped, test_loader, accelerator, dynamic_teacher, ema_module)
+                _logger.info(f'Epoch {epoch} test: ' + '  '.join(f'{k} {v:.4f}' for k, v in test_metrics.items()))
 
             for name, module in (('model', unwrapped), ('EMA model', ema_module)):
                 bad = non_finite_tensors(module) if module is not None else []
@@ -1124,6 +1166,7 @@ def main(argv=None):
                 row = {'epoch': epoch, 'lr': lr, 'epoch_time': round(time.time() - t0, 3)}
                 row.update({f'train_{k}': v for k, v in train_metrics.items()})
                 row.update({f'eval_{k}': v for k, v in eval_metrics.items()})
+                row.update({f'test_{k}': v for k, v in test_metrics.items()})
                 rows.append(row)
                 write_summary(os.path.join(output_dir, 'summary.csv'), rows)
                 if args.log_wandb:

@@ -219,6 +219,65 @@ def test_shared_tensor_gives_the_gradients_of_separate_views(rows, cols):
                                torch.autograd.grad(student_view(wide, plan), wide, g_student)[0])
 
 
+@pytest.mark.parametrize('rows,cols', [
+    (ChannelMap.single(4, 2.0), ChannelMap.single(3, 2.0)),
+    (ChannelMap.single(4, 1.5), ChannelMap.single(3, 1.5)),  # copy counts 1 or 2 per input channel
+])
+def test_decoupled_student_gradient_moves_its_view_at_the_plain_lr(rows, cols):
+    """ decoupled: the student's own gradient changes its view by exactly -lr x that gradient under
+    SGD (the coupled view moves by copies**2 times it); the DT's gradient is untouched. """
+    from timm_gpd.reparam.expansion import COPY, MIX, TensorPlan, shared_tensor, student_view
+    plan = TensorPlan(((0, rows, COPY), (1, cols, MIX)))
+    wide = torch.randn(rows.wide_size, cols.wide_size, dtype=torch.float64, requires_grad=True)
+    g_wide, g_student = torch.randn(wide.shape, dtype=torch.float64), torch.randn(rows.size, cols.size, dtype=torch.float64)
+    lr = 0.1
+    moves = {}
+    for decoupled in (False, True):
+        dt, student = shared_tensor(wide, plan, decoupled)
+        torch.testing.assert_close(student, student_view(wide, plan), rtol=0, atol=0)
+        only_student = torch.autograd.grad(student, wide, g_student)[0]
+        moves[decoupled] = student_view(wide - lr * only_student, plan) - student_view(wide, plan)
+        dt, student = shared_tensor(wide, plan, decoupled)
+        only_dt = torch.autograd.grad(dt, wide, g_wide)[0]
+        torch.testing.assert_close(only_dt, g_wide, rtol=0, atol=0)
+    torch.testing.assert_close(moves[True], -lr * g_student)
+    copies = cols.copies().double()
+    torch.testing.assert_close(moves[False], -lr * g_student * copies ** 2)
+    assert not torch.allclose(moves[True], moves[False])
+
+
+def test_decoupled_student_in_a_gpd_model():
+    """ GPDModel(decouple_student=True): the same forward, the DT loss's gradient unchanged, the
+    student loss's gradient divided by copies**2 on conv weights (mixed input channels) only. """
+    import timm
+    import timm_gpd
+    torch.manual_seed(0)
+    student = timm.create_model('test_resnet', num_classes=5, in_chans=1)
+    x = torch.randn(2, 1, 32, 32)
+    grads, outputs = {}, {}
+    for decoupled in (False, True):
+        model = timm_gpd.GPDModel(student, ratio=2.0, decouple_student=decoupled).train()
+        zs, zd = model(x, mode='both')
+        outputs[decoupled] = (zs.detach(), zd.detach())
+        params = dict(model.named_parameters())
+        g_s = torch.autograd.grad(zs.square().sum(), list(params.values()), retain_graph=True, allow_unused=True)
+        g_d = torch.autograd.grad(zd.square().sum(), list(params.values()), allow_unused=True)
+        grads[decoupled] = {name: (a, b) for name, a, b in zip(params, g_s, g_d)}
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
+    scaled = 0
+    for name, (g_s, g_d) in grads[True].items():
+        ref_s, ref_d = grads[False][name]
+        if g_d is not None:
+            torch.testing.assert_close(g_d, ref_d, rtol=0, atol=0)
+        if g_s is None:
+            continue
+        plan = model._shared[name.replace('teacher.', '', 1)]
+        factor = 4.0 if plan is not None and plan.mix_dim is not None else 1.0
+        torch.testing.assert_close(g_s * factor, ref_s, rtol=1e-5, atol=1e-7)
+        scaled += factor != 1.0
+    assert scaled > 0
+
+
 @pytest.mark.parametrize('groups', [1, 8])
 @pytest.mark.parametrize('size', [(1, 1), (6, 6)])
 def test_every_plan_keeps_the_conv_dtype_under_autocast(groups, size):

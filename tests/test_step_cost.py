@@ -48,7 +48,7 @@ def test_tiny_pair_end_to_end(repo_root, tmp_path):
            '--results-file', str(out)]
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert '(target <= 1.25)' in proc.stdout
+    assert '(target <= 1.40)' in proc.stdout  # the goals below 224 px
     result = json.loads(out.read_text())['results'][0]
     t = result['times_s']
     assert set(t) == {'plain', 'kd', 'gpd', 'gpd_nocbr', 'teacher_fwd', 'dt_fwd_bwd', 'student_fwd_bwd', 'optimizer',

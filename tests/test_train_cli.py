@@ -23,13 +23,14 @@ VAL_LIMIT = 32
 SUMMARY_COLUMNS = [
     'epoch', 'lr', 'train_loss', 'train_student_ce', 'train_student_kd', 'train_student_dt', 'train_dt_ce',
     'train_dt_kd', 'eval_loss', 'eval_top1', 'eval_top5', 'eval_dt_top1', 'eval_dt_top5', 'eval_ema_top1',
-    'eval_ema_top5', 'eval_gap_top1', 'epoch_time',
+    'eval_ema_top5', 'eval_gap_top1', 'test_loss', 'test_top1', 'test_top5', 'test_dt_top1', 'test_dt_top5',
+    'test_ema_top1', 'test_ema_top5', 'test_gap_top1', 'epoch_time',
 ]
 CHECKPOINT_KEYS = {
     'format', 'version', 'epoch', 'arch', 'args', 'state_dict', 'optimizer', 'scheduler', 'rng', 'metric',
     'num_classes', 'in_chans', 'img_size',
 }
-GPD_KWARGS = {'ratio', 'cbr', 'cbr_only', 'cbr_init', 'noise', 'seed'}
+GPD_KWARGS = {'ratio', 'cbr', 'cbr_only', 'cbr_init', 'noise', 'seed', 'decouple_student'}
 
 
 def train_args(data_root, output, experiment, *extra, epochs=1):
@@ -382,3 +383,60 @@ def test_config_file_sets_defaults(train_module, tmp_path):
     args = train_module.parse_args(['--config', str(cfg), '--lr', '0.3'])
     # the file sets defaults, the command line still wins; --gpd brings clip 5
     assert (args.model, args.lr, args.gpd, args.sched, args.clip_grad) == ('resnet34', 0.3, True, 'step', 5.0)
+
+
+# ---------------------------------------------------------------- held-out validation split
+
+def stock_top1(model, dataset, indices):
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=256)
+    correct = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x).argmax(-1) == y).sum().item()
+    return 100. * correct / len(indices)
+
+
+def test_val_holdout_splits(train_module, fashion_mnist_root):
+    """ --val-holdout: training stops before the held-out tail, which validates; the validation
+    split becomes the whole test set. """
+    args = train_module.parse_args(train_args(fashion_mnist_root, 'unused', 'x', '--val-holdout', '500')
+                                   + ['--train-limit', '100000'])
+    train_ds, val_ds = train_module.build_datasets(args)
+    data_config = resolve_data_config({'input_size': (1, 32, 32)})
+    train_loader, val_loader, test_loader, _ = train_module.build_loaders(args, data_config, train_ds, val_ds)
+    assert list(train_loader.dataset.indices) == list(range(60000 - 500))
+    assert list(val_loader.dataset.indices) == list(range(60000 - 500, 60000 - 500 + VAL_LIMIT))
+    assert val_loader.dataset.dataset.train and not test_loader.dataset.train
+    assert len(test_loader.dataset) == 10000
+    # the held-out images are read under the eval transforms, training images under the train ones
+    assert val_loader.dataset.dataset.transform is not train_loader.dataset.dataset.transform
+    for bad, message in (('60000', 'leaves no training image'), ('-1', 'must be >= 0')):
+        args.val_holdout = int(bad)
+        with pytest.raises(train_module.UsageError, match=message):
+            train_module.build_loaders(args, data_config, train_ds, val_ds)
+
+
+def test_val_holdout_run(train_module, fashion_mnist_root, tmp_path):
+    """ A run with --val-holdout validates on the held-out training images, records the test split
+    every epoch, and picks model_best by validation, never by test. """
+    holdout = 48
+    train_module.main(train_args(fashion_mnist_root, tmp_path, 'holdout', '--val-holdout', str(holdout),
+                                 '-vb', '500', epochs=2))
+    run_dir = tmp_path / 'holdout'
+    columns, rows = read_rows(run_dir)
+    assert columns == SUMMARY_COLUMNS
+    assert all(row['test_top1'] and row['test_loss'] for row in rows)
+    with open(run_dir / 'config.json') as f:
+        cfg = json.load(f)
+    model = timm.create_model(cfg['architecture'], **cfg['model_args'])
+    model.load_state_dict(safetensors.torch.load_file(run_dir / 'student.safetensors'), strict=True)
+    model.eval()
+    transform = create_transform(**resolve_data_config(pretrained_cfg=cfg['pretrained_cfg']))
+    train_split = FashionMNIST(str(fashion_mnist_root), train=True, transform=transform)
+    test_split = FashionMNIST(str(fashion_mnist_root), train=False, transform=transform)
+    last = rows[-1]
+    assert float(last['eval_top1']) == pytest.approx(stock_top1(
+        model, train_split, range(60000 - holdout, 60000 - holdout + VAL_LIMIT)))
+    assert float(last['test_top1']) == pytest.approx(stock_top1(model, test_split, range(10000)))
+    best = load_checkpoint(run_dir / 'model_best.pth')
+    assert best['metric'] == max(float(row['eval_top1']) for row in rows)

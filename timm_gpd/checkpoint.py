@@ -32,7 +32,7 @@ __all__ = [
     'NonFiniteWeightsError', 'write_atomic', 'save_atomic', 'write_text_atomic', 'exit_on_sigterm', 'read_weights',
     'load_checkpoint', 'check_checkpoint',
     'state_dict_of', 'create_student', 'build_model', 'load_weights', 'is_gpd_model', 'extract_student',
-    'non_finite_tensors', 'check_finite', 'student_config', 'export_student', 'read_summary',
+    'non_finite_tensors', 'check_finite', 'student_config', 'export_student', 'read_summary', 'processor_name',
     'hardware_description', 'run_environment',
 ]
 
@@ -346,14 +346,24 @@ def read_summary(path: PathLike) -> List[Dict[str, Any]]:
         return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def processor_name() -> str:
+    """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) ...'), or 'unknown CPU'."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or 'unknown CPU'
+
+
 def hardware_description(device: Optional[torch.device] = None, num_processes: int = 1) -> str:
-    """Human-readable hardware of a run, e.g. '4x NVIDIA H100 80GB HBM3' or 'cpu (16 cores)'."""
+    """Human-readable hardware of a run, e.g. '4x NVIDIA H100 80GB HBM3' or 'AMD EPYC (16 cores)'."""
     device = torch.device(device) if device is not None else torch.device(
         'cuda' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda':
         return f'{num_processes}x {torch.cuda.get_device_name(device)}'
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return f'{device.type} ({cores} cores)' + (f' x {num_processes} processes' if num_processes > 1 else '')
+    return f'{processor_name()} ({cores} cores)' + (f' x {num_processes} processes' if num_processes > 1 else '')
 
 
 def run_environment(device: Optional[torch.device] = None, num_processes: int = 1,

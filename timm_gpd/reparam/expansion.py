@@ -200,8 +200,8 @@ class _SharedTensor(torch.autograd.Function):
     autograd does for a slice) and adding that."""
 
     @staticmethod
-    def forward(ctx, wide: torch.Tensor, plan: TensorPlan):
-        ctx.plan = plan
+    def forward(ctx, wide: torch.Tensor, plan: TensorPlan, decoupled: bool):
+        ctx.plan, ctx.decoupled = plan, decoupled
         ctx.wide_meta = (wide.shape, wide.dtype, wide.device)
         return wide.view_as(wide), student_view(wide, plan)
 
@@ -215,16 +215,36 @@ class _SharedTensor(torch.autograd.Function):
         else:
             # a copy, not in place: the engine may hand the same gradient tensor to other nodes
             grad = wide_grad.clone()
+        if ctx.decoupled:
+            student_grad = student_grad / _view_scale(ctx.plan, student_grad) ** 2
         _scatter_into_primary(grad, student_grad, plan=ctx.plan)
-        return grad, None
+        return grad, None, None
 
 
-def shared_tensor(wide: torch.Tensor, plan: TensorPlan) -> Tuple[torch.Tensor, torch.Tensor]:
+def _view_scale(plan: TensorPlan, student: torch.Tensor):
+    """The factor ``student_view`` multiplies the primary slice by (the copy counts of the mixed
+    dimension), broadcastable against the student's tensor."""
+    mix = plan.mix_dim
+    if mix is None:
+        return 1.
+    dim, cmap = mix
+    count = cmap.copy_count()
+    if count is not None:
+        return float(count)
+    return _along(cmap.copies().to(student), dim, student.ndim)
+
+
+def shared_tensor(wide: torch.Tensor, plan: TensorPlan, decoupled: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(the DT tensor, its student view) for a forward that uses both: one gradient reaches
     ``wide``, the student's added into the primary block (the same values autograd gives for
     ``wide`` and ``student_view(wide, plan)`` used separately, with fewer passes over DT-sized
-    tensors)."""
-    return _SharedTensor.apply(wide, plan)
+    tensors).
+
+    ``decoupled``: the student's gradient is divided by the square of the view's scale first, so
+    that under SGD the student's own loss moves its weights at the optimizer's lr, as it would
+    move a standalone student's, instead of ``copies**2`` times it (an ablation, not the
+    published method)."""
+    return _SharedTensor.apply(wide, plan, decoupled)
 
 
 def symmetry_noise(wide: torch.Tensor, plan: TensorPlan, std: float, generator: torch.Generator) -> Optional[torch.Tensor]:

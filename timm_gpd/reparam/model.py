@@ -28,7 +28,9 @@ class GPDModel(nn.Module):
       student loss reach the DT's primary slice. ``parameters()`` therefore lists each
       trainable tensor once. With SGD, the student's dense weights move with ``ratio**2``
       times the learning rate of a standalone student (slice x scale on both the forward
-      and the gradient), as in the published method.
+      and the gradient), as in the published method. ``decouple_student=True`` (an ablation)
+      divides the student's gradient by that scale squared, so that its own loss moves it at
+      the optimizer's lr; the DT's gradient is unchanged.
     * ``cbr_only=True`` keeps no DT: the student is trained with CBR branches alone (ablation).
 
     ``forward(x)`` returns student logits (what gets deployed); ``forward(x, mode='both')``
@@ -45,6 +47,7 @@ class GPDModel(nn.Module):
             noise: float = DEFAULT_NOISE,
             seed: int = 0,
             check: bool = True,
+            decouple_student: bool = False,
     ):
         super().__init__()
         if cbr_init not in CBR_INITS:
@@ -53,6 +56,7 @@ class GPDModel(nn.Module):
             raise ValueError('gpd_cbr_only needs CBR: do not combine it with gpd_cbr=False')
         self.ratio = None if cbr_only else validate_ratio(ratio)
         self.cbr, self.cbr_init, self.cbr_only, self.noise, self.seed = cbr, cbr_init, cbr_only, noise, seed
+        self.decouple_student = decouple_student
         self.pretrained_cfg = dict(getattr(student, 'pretrained_cfg', None) or {})
         self.student_arch = self.pretrained_cfg.get('architecture') or type(student).__name__
         self.num_classes = getattr(student, 'num_classes', None)
@@ -133,7 +137,8 @@ class GPDModel(nn.Module):
             if plan is None:
                 student_params[name] = teacher_params[name]
             else:
-                teacher_params[name], student_params[name] = shared_tensor(teacher_params[name], plan)
+                teacher_params[name], student_params[name] = shared_tensor(
+                    teacher_params[name], plan, self.decouple_student)
         return (functional_call(self.student, student_params, (x,)),
                 functional_call(self.teacher, teacher_params, (x,)))
 
