@@ -1,0 +1,634 @@
+"""Does GPD train better students? A converged, controlled study on the full Fashion-MNIST.
+
+Drives train.py (one subprocess per run, each resumable) through the study described by
+benchmarks/configs/study_fmnist.yaml, in this order:
+
+  1. static teachers, trained once on the same split
+  2. the lr sweep: every swept method at every lr of the grid, seed 0; each method's lr is the
+     one with the best final *validation* top-1 (a choice at the grid's edge adds the next value
+     beyond it, once)
+  3. seeds: every method at its chosen lr, seed by seed; methods whose lr follows another's
+     choice (`derived`: GPD without CBR, the decoupled student, the r**2-lr baseline) and the
+     fine-tune pair (from the converged baseline of the same seed) join here
+
+Validation is the held-out tail of the training split (train.py --val-holdout); the test split is
+evaluated every epoch and never read by any choice. Then it collects every finished run into
+runs.csv (one row per run), study.md (the sweep, per-method mean +- std, paired differences
+with 95 % confidence intervals, convergence and DT - student gap) and three plots.
+
+    python benchmarks/study.py                      # run what is missing, in order (resumable)
+    python benchmarks/study.py --max-hours 2        # start no new run after 2 hours
+    python benchmarks/study.py --commit             # git-commit each finished run's results
+    python benchmarks/study.py --dry-run            # the plan: what is finished, next, blocked
+    python benchmarks/study.py --collect-only       # rebuild tables and plots from finished runs
+
+Output (default benchmarks/results/study_fmnist/): runs/<name>/ holds train.py's output; the
+summary, arguments and study.json (processors, commits) of finished runs are committed, the
+weights are not (.gitignore).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's timm_gpd, not an installed one
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy  # noqa: E402  (the run plumbing: argv, resume state, execution)
+from accuracy import REPO_ROOT, CONFIG_DIR, Run, load_yaml, mean_std, pm, read_summary  # noqa: E402
+
+STUDY_CONFIG = CONFIG_DIR / 'study_fmnist.yaml'
+FINETUNES = ('finetune_plain', 'finetune_gpd')
+TRAIN_IMAGES = 60000  # Fashion-MNIST's training split
+# two-sided 95 % quantiles of Student's t, by degrees of freedom (1-10)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# the paper's claims (and the controls') as (first, second): paired test top-1 differences
+CLAIMS = (
+    ('kd', 'baseline', 'KD > baseline'),
+    ('dkd', 'baseline', 'DKD > baseline'),
+    ('gpd_dkd', 'dkd', 'GPD + DKD > DKD (static teacher)'),
+    ('gpd_scratch', 'baseline', 'GPD > baseline (no static teacher)'),
+    ('finetune_gpd', 'finetune_plain', 'GPD fine-tune > plain continuation'),
+    ('gpd_scratch', 'gpd_nocbr', 'CBR adds to GPD'),
+    ('gpd_scratch', 'cbr_only', 'the DT adds to CBR alone'),
+    ('cbr_only', 'baseline', 'CBR alone > baseline'),
+    ('gpd_scratch', 'baseline_r2lr', "GPD > the baseline at the GPD student's effective lr"),
+    ('gpd_decoupled', 'gpd_scratch', 'decoupled student > published GPD'),
+)
+
+
+# ---------------------------------------------------------------- plan
+
+@dataclass(frozen=True)
+class Blocked:
+    name: str
+    reason: str
+
+
+def settings_of(method: str) -> dict:
+    return load_yaml(CONFIG_DIR / f'{method}.yaml')
+
+
+def lr_tag(lr: float) -> str:
+    return f'{lr:g}'
+
+
+def run_name(student: str, method: str, lr: float, seed: int) -> str:
+    return f'{student}-{method}-lr{lr_tag(lr)}-s{seed}'
+
+
+def teacher_name(arch: str) -> str:
+    return f'teacher-{arch}'
+
+
+def seeds_of(study: dict, method: str) -> int:
+    return study['headline_seeds'] if method in study['headline'] else study['seeds']
+
+
+def swept(study: dict, student: str) -> List[str]:
+    methods = study['students'][student]['methods']
+    return [m for m in methods if m not in study.get('derived', {}) and m not in FINETUNES]
+
+
+class Planner:
+    """ The study's runs given what has finished so far: the sweep decides the later runs' lr. """
+
+    def __init__(self, study: dict, runs_dir: Path, data_dir: Path):
+        self.study, self.runs_dir, self.data_dir = study, runs_dir, data_dir
+        self.recipe = load_yaml(CONFIG_DIR / 'recipe.yaml')
+
+    def base_args(self, student: str, seed: int) -> dict:
+        args = {**self.recipe, **self.study['train'], 'model': student, 'seed': seed,
+                'data_dir': str(self.data_dir)}
+        return args
+
+    def teacher_run(self, arch: str) -> Run:
+        args = {**self.base_args(arch, 0), **self.study['teacher']}
+        return Run(teacher_name(arch), arch, 'teacher', 0, args)
+
+    def method_run(self, student: str, method: str, lr: float, seed: int, wd: Optional[float] = None,
+                   start: Optional[Run] = None) -> Run:
+        setting = settings_of(method).get('train', {})
+        lr = float(f'{lr:.6g}')  # 0.005, not 0.005000000000000001 from 0.05 x 0.1
+        args = {**self.base_args(student, seed), **setting, 'lr': lr}
+        if wd is not None:
+            args['weight_decay'] = wd
+        needs = []
+        if args.get('teacher'):
+            arch = self.study['students'][student]['teacher']
+            args['teacher'] = arch
+            args['teacher_checkpoint'] = str(self.runs_dir / teacher_name(arch) / 'student.safetensors')
+            needs.append(teacher_name(arch))
+        if args.get('gpd'):
+            args['gpd_seed'] = seed  # the CBR init and the DT's noise vary with the seed too
+        if start is not None:
+            ft = self.study['finetune']
+            args.update(epochs=ft['epochs'], warmup_epochs=ft['warmup_epochs'],
+                        initial_checkpoint=str(self.runs_dir / start.name / 'student.safetensors'))
+            needs.append(start.name)
+        return Run(run_name(student, method, lr, seed), student, method, seed, args, tuple(needs))
+
+    def final_val(self, run: Run) -> Optional[float]:
+        run_dir = self.runs_dir / run.name
+        if not accuracy.is_finished(run_dir, run.epochs):
+            return None
+        return read_summary(run_dir / 'summary.csv')[-1]['eval_top1']
+
+    def sweep(self, student: str, method: str) -> Tuple[List[Run], Optional[float]]:
+        """ The sweep's runs (growing at an edge) and the chosen lr once they have all finished. """
+        grid = sorted(self.study['lrs'])
+        while True:
+            runs = [self.method_run(student, method, lr, 0) for lr in grid]
+            vals = [self.final_val(r) for r in runs]
+            if any(v is None for v in vals):
+                return runs, None
+            best = max(range(len(grid)), key=lambda i: (vals[i], -i))  # a tie: the smaller lr
+            at_low, at_high = best == 0, best == len(grid) - 1
+            extended = len(grid) > len(self.study['lrs'])
+            if self.study.get('extend_edges') and not extended and (at_low or at_high):
+                grid = [grid[0] / 2] + grid if at_low else grid + [grid[-1] * 2]
+                continue
+            return runs, grid[best]
+
+    def chosen_lr(self, student: str, method: str) -> Optional[float]:
+        return self.sweep(student, method)[1]
+
+    def plan(self) -> List[object]:
+        """ Every run in order, or a Blocked entry for runs whose lr is not chosen yet. """
+        plan: List[object] = []
+        study = self.study
+        teachers = []
+        for student, spec in study['students'].items():
+            if any(settings_of(m).get('train', {}).get('teacher') for m in spec['methods']):
+                if spec['teacher'] not in teachers:
+                    teachers.append(spec['teacher'])
+        plan += [self.teacher_run(arch) for arch in teachers]
+        chosen = {}
+        for student in study['students']:
+            for method in swept(study, student):
+                runs, lr = self.sweep(student, method)
+                plan += runs
+                chosen[(student, method)] = lr
+        max_seeds = max(study['seeds'], study['headline_seeds'])
+        for seed in range(max_seeds):
+            for student, spec in study['students'].items():
+                for method in spec['methods']:
+                    if seed >= seeds_of(study, method):
+                        continue
+                    plan.append(self.seed_run(student, method, seed, chosen))
+        # a seed-0 run of a swept method is its sweep run: listed once
+        seen, ordered = set(), []
+        for item in plan:
+            if item.name not in seen:
+                seen.add(item.name)
+                ordered.append(item)
+        return ordered
+
+    def seed_run(self, student: str, method: str, seed: int, chosen: dict):
+        derived = self.study.get('derived', {})
+        if method in FINETUNES:
+            lr = chosen.get((student, 'baseline'))
+            if lr is None:
+                return Blocked(f'{student}-{method}-s{seed}', 'waits for the baseline sweep')
+            start = self.method_run(student, 'baseline', lr, seed)
+            return self.method_run(student, method, lr * self.study['finetune']['lr_scale'], seed, start=start)
+        if method in derived:
+            spec = derived[method]
+            lr = chosen.get((student, spec['lr_from']))
+            if lr is None:
+                return Blocked(f'{student}-{method}-s{seed}', f'waits for the {spec["lr_from"]} sweep')
+            wd = None
+            if 'wd_scale' in spec:
+                wd = float(f"{self.base_args(student, seed)['weight_decay'] * spec['wd_scale']:.6g}")
+            return self.method_run(student, method, lr * spec.get('lr_scale', 1.0), seed, wd=wd)
+        lr = chosen.get((student, method))
+        if lr is None:
+            return Blocked(f'{student}-{method}-s{seed}', 'waits for its sweep')
+        return self.method_run(student, method, lr, seed)
+
+
+# ---------------------------------------------------------------- execution
+
+def processor() -> str:
+    from timm_gpd.checkpoint import processor_name
+    return processor_name()
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ('+dirty' if dirty else '')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def record_session(run_dir: Path):
+    """ study.json: every processor and commit that trained part of this run (a resumed run may
+    continue on another machine: single runs do not reproduce across processors). """
+    path = run_dir / 'study.json'
+    info = json.loads(path.read_text()) if path.exists() else {'processors': [], 'commits': []}
+    for key, value in (('processors', processor()), ('commits', git_commit())):
+        if value not in info[key]:
+            info[key].append(value)
+    tmp = path.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(info, indent=1) + '\n')
+    os.replace(tmp, path)
+
+
+def committed_files(run_dir: Path) -> List[Path]:
+    return [run_dir / f for f in ('summary.csv', 'args.yaml', 'study.json', 'config.json') if (run_dir / f).exists()]
+
+
+def git_commit_paths(paths: Sequence[Path], message: str):
+    """ Commit exactly these paths (others' staged changes stay staged), retrying a busy index. """
+    rel = [str(p.relative_to(REPO_ROOT)) for p in paths]
+    for attempt in range(10):
+        add = subprocess.run(['git', 'add', '--', *rel], cwd=REPO_ROOT, capture_output=True, text=True)
+        if add.returncode == 0:
+            commit = subprocess.run(['git', 'commit', '-q', '-m', message, '--', *rel], cwd=REPO_ROOT,
+                                    capture_output=True, text=True)
+            if commit.returncode == 0 or 'nothing' in commit.stdout + commit.stderr:
+                return
+            err = commit.stderr
+        else:
+            err = add.stderr
+        if 'index.lock' not in err:
+            print(f'git commit failed: {err.strip()}', flush=True)
+            return
+        time.sleep(3 + attempt)
+    print('git commit failed: the index stayed locked', flush=True)
+
+
+def run_study(planner: Planner, out_dir: Path, max_hours: Optional[float], commit: bool,
+              only: Optional[Sequence[str]]) -> bool:
+    """ Run the next runnable unfinished run until none is left (True) or one fails (False). """
+    runs_dir, logs_dir = planner.runs_dir, out_dir / 'logs'
+    start = time.time()
+    failed = set()
+    while True:
+        todo = [r for r in planner.plan() if isinstance(r, Run)]
+        if only:  # the chosen methods and the runs they read (teacher, fine-tune start)
+            wanted = {r.name for r in todo if r.method in only}
+            wanted |= {n for r in todo if r.name in wanted for n in r.needs}
+            todo = [r for r in todo if r.name in wanted]
+        pending = [r for r in todo if accuracy.run_state(r, runs_dir) != 'finished']
+        runnable = [r for r in pending if r.name not in failed and all(
+            accuracy.is_finished(runs_dir / n, planner_epochs(planner, n)) for n in r.needs)]
+        if not runnable:
+            if pending:
+                print(f'{len(pending)} run(s) left, none runnable: {", ".join(r.name for r in pending[:5])}')
+            return not failed
+        if max_hours is not None and time.time() - start > max_hours * 3600:
+            print(f'--max-hours {max_hours} reached: {len(pending)} run(s) left, the same command continues')
+            return True
+        run = runnable[0]
+        state = accuracy.run_state(run, runs_dir)
+        if state == 'stale':
+            import shutil
+            shutil.rmtree(runs_dir / run.name)
+        print(f'{run.name}: {"resuming" if state == "resume" else "training"} ({len(pending)} left) ...', flush=True)
+        t0 = time.time()
+        if state == 'resume':  # a new run's folder is train.py's to create (an existing one gets a suffix)
+            record_session(runs_dir / run.name)
+        rc = accuracy.execute(run, runs_dir, logs_dir, resume=state == 'resume')
+        if (runs_dir / run.name).is_dir():
+            record_session(runs_dir / run.name)
+        if rc != 0 or not accuracy.is_finished(runs_dir / run.name, run.epochs):
+            print(f'{run.name}: FAILED (exit {rc}), see {logs_dir / run.name}.log', flush=True)
+            failed.add(run.name)
+            return False
+        # the teacher's and the baseline's weights are read by later runs; the rest can go
+        for name in ('last.pth', 'model_best.pth'):
+            (runs_dir / run.name / name).unlink(missing_ok=True)
+        row = read_summary(runs_dir / run.name / 'summary.csv')[-1]
+        print(f'{run.name}: done in {(time.time() - t0) / 60:.1f} min, val top-1 {row["eval_top1"]:.2f}, '
+              f'test top-1 {row.get("test_top1") or float("nan"):.2f}', flush=True)
+        written = collect(out_dir, planner, quiet=True)
+        if commit:
+            git_commit_paths(committed_files(runs_dir / run.name) + written,
+                             f'study: {run.name} finished (val top-1 {row["eval_top1"]:.2f})')
+
+
+def planner_epochs(planner: Planner, name: str) -> int:
+    args_file = planner.runs_dir / name / 'args.yaml'
+    return int(load_yaml(args_file)['epochs']) if args_file.exists() else -1
+
+
+# ---------------------------------------------------------------- collection
+
+@dataclass
+class Result:
+    run: Run
+    stage: str
+    rows: List[Dict[str, Optional[float]]]
+    info: dict
+
+    def column(self, key: str) -> List[Optional[float]]:
+        return [r.get(key) for r in self.rows]
+
+    @property
+    def final(self) -> Dict[str, Optional[float]]:
+        return self.rows[-1]
+
+    @property
+    def minutes(self) -> float:
+        return sum(r['epoch_time'] for r in self.rows) / 60
+
+
+def finished_results(planner: Planner) -> List[Result]:
+    """ Every planned run whose summary has all its epochs (weights need not be on this machine:
+    a clone of the repository has the committed summaries only). """
+    results = []
+    for item in planner.plan():
+        if not isinstance(item, Run):
+            continue
+        run_dir = planner.runs_dir / item.name
+        summary = run_dir / 'summary.csv'
+        if not summary.exists():
+            continue
+        rows = read_summary(summary)
+        if [int(r['epoch']) for r in rows] != list(range(item.epochs)):
+            continue
+        info = json.loads((run_dir / 'study.json').read_text()) if (run_dir / 'study.json').exists() else {}
+        stage = 'teacher' if item.method == 'teacher' else 'sweep' if item.seed == 0 and item.method in \
+            swept(planner.study, item.regime) else 'seed'
+        results.append(Result(item, stage, rows, info))
+    return results
+
+
+def chosen_runs(planner: Planner, results: List[Result]) -> Dict[Tuple[str, str], List[Result]]:
+    """ (student, method) -> the finished runs at the method's chosen lr (all seeds). """
+    out: Dict[Tuple[str, str], List[Result]] = {}
+    for r in results:
+        if r.run.method == 'teacher':
+            continue
+        student, method = r.run.regime, r.run.method
+        if method in swept(planner.study, student):
+            lr = planner.chosen_lr(student, method)
+            if lr is None or r.run.args['lr'] != lr:
+                continue
+        out.setdefault((student, method), []).append(r)
+    return out
+
+
+def runs_rows(planner: Planner, results: List[Result]) -> List[dict]:
+    chosen = chosen_runs(planner, results)
+    chosen_names = {r.run.name for rs in chosen.values() for r in rs}
+    rows = []
+    for r in results:
+        a, f = r.run.args, r.final
+        images = (a.get('train_limit') or TRAIN_IMAGES - a.get('val_holdout', 0))
+        rows.append(dict(
+            student=r.run.regime, method=r.run.method, stage=r.stage, selected=r.run.name in chosen_names,
+            teacher=a.get('teacher') or '', seed=r.run.seed, lr=f"{a['lr']:g}", wd=f"{a['weight_decay']:g}",
+            epochs=r.run.epochs,
+            images=images, val_top1=f['eval_top1'], test_top1=f.get('test_top1'),
+            dt_test_top1=f.get('test_dt_top1') if f.get('test_dt_top1') is not None else '',
+            wall_minutes=round(r.minutes, 2), processor='; '.join(r.info.get('processors', [])),
+            git_commit='; '.join(r.info.get('commits', [])), run=r.run.name,
+        ))
+    return rows
+
+
+def ci95(diffs: Sequence[float]) -> Tuple[float, float, float]:
+    """ Mean and the 95 % confidence interval of the mean (Student's t); NaN bounds for n < 2. """
+    mean, std = mean_std(diffs)
+    n = len(diffs)
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = T975.get(n - 1, 1.96) * std / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def comparisons(planner: Planner, results: List[Result]) -> List[dict]:
+    chosen = chosen_runs(planner, results)
+    rows = []
+    for student in planner.study['students']:
+        for first, second, claim in CLAIMS:
+            a = {r.run.seed: r.final['test_top1'] for r in chosen.get((student, first), [])}
+            b = {r.run.seed: r.final['test_top1'] for r in chosen.get((student, second), [])}
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            diffs = [a[s] - b[s] for s in seeds]
+            mean, low, high = ci95(diffs)
+            rows.append(dict(student=student, claim=claim, first=first, second=second, seeds=len(seeds),
+                             diff_mean=mean, ci_low=low, ci_high=high, positive=sum(d > 0 for d in diffs),
+                             per_seed=' '.join(f'{d:+.2f}' for d in diffs)))
+    return rows
+
+
+def fmt_ci(row: dict) -> str:
+    if math.isnan(row['ci_low']):
+        return f"{row['diff_mean']:+.2f}"
+    return f"{row['diff_mean']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+
+
+def last_fifth_gain(values: List[float]) -> Optional[float]:
+    """ Gain of a curve over the last fifth of its epochs (at least one epoch). """
+    k = max(1, round(len(values) / 5))
+    return values[-1] - values[-1 - k] if len(values) > k else None
+
+
+def study_markdown(planner: Planner, results: List[Result]) -> str:
+    study = planner.study
+    chosen = chosen_runs(planner, results)
+    lines = ['# Study: does GPD train better students? (Fashion-MNIST)', '',
+             'Generated by `python benchmarks/study.py --collect-only` from `runs.csv`\'s runs. '
+             f"Validation: the last {study['train'].get('val_holdout', 0):,} training images; test: the test "
+             'split (never used for a choice). Top-1 in %, final epoch; mean ± sample std over seeds; differences are paired '
+             'by seed with a 95 % t confidence interval.', '']
+    teachers = [r for r in results if r.run.method == 'teacher']
+    if teachers:
+        lines += ['## Static teachers', '', '| teacher | epochs | val top-1 | test top-1 | minutes |', '|---|---|---|---|---|']
+        lines += [f"| {r.run.regime} | {r.run.epochs} | {r.final['eval_top1']:.2f} | {r.final['test_top1']:.2f} "
+                  f"| {r.minutes:.1f} |" for r in teachers]
+        lines.append('')
+    lines += ['## lr sweep (seed 0, final validation top-1; **bold**: chosen)', '']
+    for student in study['students']:
+        for method in swept(study, student):
+            runs, lr = planner.sweep(student, method)
+            cells = []
+            for run in runs:
+                val = planner.final_val(run)
+                if val is None:
+                    found = [r for r in results if r.run.name == run.name]
+                    val = found[0].final['eval_top1'] if found else None
+                text = f'{lr_tag(run.args["lr"])}: ' + ('...' if val is None else f'{val:.2f}')
+                cells.append(f'**{text}**' if lr is not None and run.args['lr'] == lr else text)
+            lines.append(f'- {student} {method}: ' + ', '.join(cells))
+    lines += ['', '## Per method, at its chosen lr', '',
+              '| student | method | lr | seeds | val top-1 | test top-1 | DT test top-1 | minutes per run |',
+              '|---|---|---|---|---|---|---|---|']
+    for (student, method), members in chosen.items():
+        val = mean_std([r.final['eval_top1'] for r in members])
+        test = mean_std([r.final['test_top1'] for r in members])
+        dts = [r.final.get('test_dt_top1') for r in members]
+        dt = pm(*mean_std(dts)) if all(d is not None for d in dts) else ''
+        lines.append(f"| {student} | {method} | {lr_tag(members[0].run.args['lr'])} | {len(members)} | {pm(*val)} "
+                     f"| {pm(*test)} | {dt} | {statistics.fmean(r.minutes for r in members):.1f} |")
+    comps = comparisons(planner, results)
+    if comps:
+        lines += ['', '## Paired differences (test top-1, points)', '',
+                  '| student | claim | difference [95 % CI] | positive | per seed |', '|---|---|---|---|---|']
+        lines += [f"| {c['student']} | {c['claim']} (`{c['first']}` - `{c['second']}`) | {fmt_ci(c)} "
+                  f"| {c['positive']}/{c['seeds']} | {c['per_seed']} |" for c in comps]
+    lines += ['', '## Convergence (validation top-1 gained over the last fifth of training)', '']
+    for (student, method), members in chosen.items():
+        gains = [last_fifth_gain([v for v in r.column('eval_top1')]) for r in members]
+        gains = [g for g in gains if g is not None]
+        if gains:
+            lines.append(f'- {student} {method}: ' + ' '.join(f'{g:+.2f}' for g in gains))
+    gap_lines = []
+    for (student, method), members in chosen.items():
+        gaps = [r.column('test_gap_top1') for r in members]
+        if gaps and all(g and all(v is not None for v in g) for g in gaps):
+            mean_gap = [statistics.fmean(c) for c in zip(*gaps)]
+            gap_lines.append(f'- {student} {method}: ' + ' '.join(f'{g:+.2f}' for g in mean_gap))
+    if gap_lines:
+        lines += ['', '## DT - student gap per epoch (test top-1, mean over seeds)', ''] + gap_lines
+    return '\n'.join(lines) + '\n'
+
+
+def write_plots(out_dir: Path, planner: Planner, results: List[Result]) -> List[Path]:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    chosen = chosen_runs(planner, results)
+    students = list(planner.study['students'])
+    paths = []
+    methods = sorted({m for _, m in chosen})
+    colors = {m: plt.get_cmap('tab20')(i) for i, m in enumerate(methods)}
+
+    def panels(key: str, ylabel: str, filename: str, transform=None):
+        fig, axes = plt.subplots(1, len(students), figsize=(6.5 * len(students), 4.5), squeeze=False)
+        for ax, student in zip(axes[0], students):
+            for (s, method), members in chosen.items():
+                if s != student:
+                    continue
+                series = [r.column(key) for r in members]
+                if not all(v is not None for sr in series for v in sr):
+                    continue
+                n = min(len(sr) for sr in series)
+                mean = [statistics.fmean(sr[i] for sr in series) for i in range(n)]
+                ax.plot(range(1, n + 1), mean, marker='.', color=colors[method], label=f'{method} (n={len(members)})')
+            ax.set_title(student)
+            ax.set_xlabel('epoch')
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / filename
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    panels('test_top1', 'test top-1 (%)', 'test_top1_per_epoch.png')
+    panels('test_gap_top1', 'DT - student test top-1 (points)', 'gap_per_epoch.png')
+    fig, axes = plt.subplots(1, len(students), figsize=(6.5 * len(students), 4.5), squeeze=False)
+    for ax, student in zip(axes[0], students):
+        for (s, method), members in chosen.items():
+            if s == student:
+                ax.scatter([r.minutes for r in members], [r.final['test_top1'] for r in members],
+                           color=colors[method], label=method, s=18)
+        ax.set_title(f'{student}: accuracy vs training cost')
+        ax.set_xlabel('wall minutes per run (2-core CPU unless noted in runs.csv)')
+        ax.set_ylabel('final test top-1 (%)')
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / 'cost.png', dpi=110)
+    plt.close(fig)
+    paths.append(out_dir / 'cost.png')
+    return paths
+
+
+def collect(out_dir: Path, planner: Planner, quiet: bool = False) -> List[Path]:
+    """ runs.csv, comparisons.csv, study.md and the plots from every finished run; the files written. """
+    results = finished_results(planner)
+    if not results:
+        print(f'no finished runs under {planner.runs_dir}')
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / 'runs.csv', out_dir / 'study.md']
+    accuracy.write_csv(out_dir / 'runs.csv', runs_rows(planner, results))
+    comps = comparisons(planner, results)
+    if comps:
+        accuracy.write_csv(out_dir / 'comparisons.csv', comps)
+        written.append(out_dir / 'comparisons.csv')
+    text = study_markdown(planner, results)
+    (out_dir / 'study.md').write_text(text)
+    written += write_plots(out_dir, planner, results)
+    if not quiet:
+        print(text)
+    return written
+
+
+# ---------------------------------------------------------------- CLI
+
+def print_plan(planner: Planner):
+    for item in planner.plan():
+        if isinstance(item, Blocked):
+            print(f'# {item.name}: blocked, {item.reason}')
+            continue
+        state = accuracy.run_state(item, planner.runs_dir)
+        print(f'# {item.name}: {state}')
+        if state != 'finished':
+            print('  ' + ' '.join(accuracy.command(item, planner.runs_dir, resume=state == 'resume')[1:]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', type=Path, default=STUDY_CONFIG, help='study YAML')
+    p.add_argument('--output', type=Path, help='default: benchmarks/results/<config name without .yaml>')
+    p.add_argument('--data-dir', type=Path, default=REPO_ROOT / 'data',
+                   help='Fashion-MNIST root (laid out from the Debian package when missing)')
+    p.add_argument('--only', nargs='+', metavar='METHOD',
+                   help='run only these methods (and the runs they read: static teacher, fine-tune start)')
+    p.add_argument('--max-hours', type=float, help='start no new run after this many hours')
+    p.add_argument('--commit', action='store_true',
+                   help="git-commit each finished run's summary, arguments and the rebuilt tables")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument('--dry-run', action='store_true', help='print the plan and the commands, run nothing')
+    mode.add_argument('--collect-only', action='store_true', help='only rebuild tables and plots')
+    args = p.parse_args(argv)
+    name = args.config.stem.removeprefix('study_')
+    args.output = (args.output or REPO_ROOT / 'benchmarks' / 'results' / f'study_{name}').resolve()
+    args.data_dir = args.data_dir.resolve()
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    study = load_yaml(args.config)
+    planner = Planner(study, args.output / 'runs', args.data_dir)
+    if args.collect_only:
+        return 0 if collect(args.output, planner) else 1
+    if args.dry_run:
+        print_plan(planner)
+        return 0
+    accuracy.ensure_data(args.data_dir)
+    args.output.mkdir(parents=True, exist_ok=True)
+    ignore = args.output / '.gitignore'
+    if not ignore.exists():  # summaries and tables are committed, weights and logs are not
+        ignore.write_text('logs/\n*.pth\n*.safetensors\n*.tmp\n')
+    ok = run_study(planner, args.output, args.max_hours, args.commit, args.only)
+    collect(args.output, planner)
+    return 0 if ok else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,168 @@
+""" benchmarks/study.py: the plan (sweep, choice on validation, edge extension, derived and
+fine-tune runs), the tables (runs.csv, paired differences with 95 % CIs) and one tiny real run. """
+import csv
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+@pytest.fixture(scope='module')
+def study(load_script):
+    return load_script('benchmarks/study.py', 'study')
+
+
+STUDY = dict(
+    students={'resnet18': dict(teacher='resnet34', methods=[
+        'baseline', 'dkd', 'gpd_scratch', 'gpd_nocbr', 'baseline_r2lr', 'finetune_plain'])},
+    lrs=[0.025, 0.05, 0.1], extend_edges=True, seeds=2, headline_seeds=3, headline=['baseline'],
+    train=dict(batch_size=128, epochs=2, val_holdout=5000),
+    teacher=dict(epochs=3, lr=0.1),
+    derived=dict(gpd_nocbr=dict(lr_from='gpd_scratch'),
+                 baseline_r2lr=dict(lr_from='gpd_scratch', lr_scale=4.0, wd_scale=0.25)),
+    finetune=dict(epochs=1, lr_scale=0.1, warmup_epochs=0),
+)
+
+
+def finish(run_dir, run, val, test=None, gap=None):
+    """ A finished run as train.py leaves it: args.yaml, summary.csv with every epoch, the student. """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / 'args.yaml').write_text(yaml.safe_dump(run.args))
+    test = val if test is None else test
+    with open(run_dir / 'summary.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=['epoch', 'eval_top1', 'test_top1', 'test_dt_top1', 'test_gap_top1',
+                                          'epoch_time'])
+        w.writeheader()
+        for epoch in range(run.epochs):
+            last = epoch == run.epochs - 1
+            w.writerow(dict(epoch=epoch, eval_top1=val if last else val - 1, test_top1=test if last else test - 1,
+                            test_dt_top1='' if gap is None else test + gap, test_gap_top1='' if gap is None else gap,
+                            epoch_time=60.0))
+    (run_dir / 'student.safetensors').write_bytes(b'')
+
+
+def planned(planner):
+    from accuracy import Run
+    return {item.name: item for item in planner.plan() if isinstance(item, Run)}
+
+
+def blocked(planner, study):
+    return {item.name: item.reason for item in planner.plan() if isinstance(item, study.Blocked)}
+
+
+def test_plan_chooses_on_validation_and_extends_the_grid_at_an_edge(study, tmp_path):
+    runs_dir = tmp_path / 'runs'
+    planner = study.Planner(STUDY, runs_dir, tmp_path / 'data')
+    runs = planned(planner)
+    assert list(runs)[0] == 'teacher-resnet34'  # dkd needs it: trained first
+    assert runs['teacher-resnet34'].args['epochs'] == 3 and runs['teacher-resnet34'].args['model'] == 'resnet34'
+    sweep = [n for n in runs if n.endswith('-s0') and 'baseline-' in n]
+    assert sweep == ['resnet18-baseline-lr0.025-s0', 'resnet18-baseline-lr0.05-s0', 'resnet18-baseline-lr0.1-s0']
+    assert runs['resnet18-dkd-lr0.05-s0'].needs == ('teacher-resnet34',)
+    assert runs['resnet18-dkd-lr0.05-s0'].args['teacher_checkpoint'].endswith('teacher-resnet34/student.safetensors')
+    assert runs['resnet18-gpd_scratch-lr0.05-s0'].args['gpd_seed'] == 0
+    assert 'resnet18-baseline_r2lr-s0' in blocked(planner, study)
+
+    # the baseline's best validation is in the middle: chosen; its test top-1 says otherwise and is ignored
+    for lr, val, test in ((0.025, 80.0, 95.0), (0.05, 85.0, 70.0), (0.1, 84.0, 70.0)):
+        finish(runs_dir / f'resnet18-baseline-lr{lr:g}-s0', runs[f'resnet18-baseline-lr{lr:g}-s0'], val, test)
+    assert planner.chosen_lr('resnet18', 'baseline') == 0.05
+    runs = planned(planner)
+    assert {'resnet18-baseline-lr0.05-s1', 'resnet18-baseline-lr0.05-s2'} <= set(runs)  # 3 headline seeds
+    assert 'resnet18-baseline-lr0.05-s3' not in runs
+    ft = runs['resnet18-finetune_plain-lr0.005-s1']
+    assert ft.args['initial_checkpoint'].endswith('resnet18-baseline-lr0.05-s1/student.safetensors')
+    assert ft.needs == ('resnet18-baseline-lr0.05-s1',) and ft.epochs == 1 and ft.args['warmup_epochs'] == 0
+
+    # GPD's best is the smallest lr: one more value below it, then the choice
+    for lr, val in ((0.025, 90.0), (0.05, 85.0), (0.1, 80.0)):
+        finish(runs_dir / f'resnet18-gpd_scratch-lr{lr:g}-s0', runs[f'resnet18-gpd_scratch-lr{lr:g}-s0'], val)
+    assert planner.chosen_lr('resnet18', 'gpd_scratch') is None
+    runs = planned(planner)
+    assert 'resnet18-gpd_scratch-lr0.0125-s0' in runs
+    finish(runs_dir / 'resnet18-gpd_scratch-lr0.0125-s0', runs['resnet18-gpd_scratch-lr0.0125-s0'], 91.0)
+    assert planner.chosen_lr('resnet18', 'gpd_scratch') == 0.0125  # extended once only, even at the edge again
+    runs = planned(planner)
+    r2 = runs['resnet18-baseline_r2lr-lr0.05-s0']
+    assert r2.args['weight_decay'] == pytest.approx(5e-5 * 0.25)  # recipe.yaml's 5e-5 / ratio**2
+    assert runs['resnet18-gpd_nocbr-lr0.0125-s1'].args['no_gpd_cbr'] is True
+    assert not any('gpd_nocbr' in n or 'r2lr' in n for n in blocked(planner, study))
+
+
+def test_collect_writes_runs_csv_and_paired_confidence_intervals(study, tmp_path):
+    runs_dir = tmp_path / 'runs'
+    cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline', 'gpd_scratch'])},
+               lrs=[0.05], extend_edges=False, seeds=3, headline=[])
+    planner = study.Planner(cfg, runs_dir, tmp_path / 'data')
+    runs = planned(planner)
+    finish(runs_dir / 'resnet18-baseline-lr0.05-s0', runs['resnet18-baseline-lr0.05-s0'], 80, 80)
+    finish(runs_dir / 'resnet18-gpd_scratch-lr0.05-s0', runs['resnet18-gpd_scratch-lr0.05-s0'], 81, 81, gap=-1.0)
+    runs = planned(planner)
+    for seed, (b, g) in enumerate(((80, 81), (81, 83), (79, 82))):
+        if seed:
+            finish(runs_dir / f'resnet18-baseline-lr0.05-s{seed}', runs[f'resnet18-baseline-lr0.05-s{seed}'], b, b)
+            finish(runs_dir / f'resnet18-gpd_scratch-lr0.05-s{seed}', runs[f'resnet18-gpd_scratch-lr0.05-s{seed}'],
+                   g, g, gap=0.5)
+    out = tmp_path / 'out'
+    written = study.collect(out, planner, quiet=True)
+    assert out / 'runs.csv' in written and (out / 'gap_per_epoch.png').exists() and (out / 'cost.png').exists()
+    with open(out / 'runs.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    assert {'method', 'student', 'teacher', 'seed', 'lr', 'wd', 'epochs', 'images', 'val_top1', 'test_top1',
+            'dt_test_top1', 'wall_minutes', 'processor', 'git_commit'} <= set(rows[0])
+    assert {r['images'] for r in rows} == {'55000'} and {float(r['wall_minutes']) for r in rows} == {2.0}
+    (comp,) = study.comparisons(planner, study.finished_results(planner))
+    assert comp['claim'] == 'GPD > baseline (no static teacher)' and comp['seeds'] == 3
+    # differences 1, 2, 3: mean 2, sample std 1, t(0.975, 2 df) = 4.303
+    half = 4.303 / math.sqrt(3)
+    assert (comp['diff_mean'], comp['ci_low'], comp['ci_high']) == pytest.approx((2, 2 - half, 2 + half))
+    text = (out / 'study.md').read_text()
+    assert '+2.00 [-0.48, +4.48]' in text and '3/3' in text
+    assert '- resnet18 gpd_scratch: +0.00 +0.00' in text  # the gap per epoch, averaged over seeds (-1, +0.5, +0.5)
+
+
+def test_commit_paths_leaves_others_staged_work_alone(study, tmp_path, monkeypatch):
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
+    subprocess.run([*git, 'init', '-q'], check=True)
+    (repo / 'other.py').write_text('x = 1\n')
+    subprocess.run([*git, 'add', 'other.py'], check=True)  # someone else's staged change
+    (repo / 'runs').mkdir()
+    result = repo / 'runs' / 'summary.csv'
+    result.write_text('epoch\n0\n')
+    monkeypatch.setattr(study, 'REPO_ROOT', repo)
+    monkeypatch.setenv('GIT_AUTHOR_NAME', 't'), monkeypatch.setenv('GIT_AUTHOR_EMAIL', 't@t')
+    monkeypatch.setenv('GIT_COMMITTER_NAME', 't'), monkeypatch.setenv('GIT_COMMITTER_EMAIL', 't@t')
+    study.git_commit_paths([result], 'study: a run finished')
+    tree = subprocess.run([*git, 'ls-tree', '-r', '--name-only', 'HEAD'], capture_output=True, text=True).stdout
+    assert tree.split() == ['runs/summary.csv']
+    staged = subprocess.run([*git, 'diff', '--cached', '--name-only'], capture_output=True, text=True).stdout
+    assert staged.split() == ['other.py']
+
+
+def test_tiny_study_end_to_end(repo_root, fashion_mnist_root, tmp_path):
+    """ Two swept lrs of a tiny baseline, then its second seed, with the real train.py: held-out
+    validation and test columns reach runs.csv, and a rerun has nothing left to do. """
+    cfg = tmp_path / 'study_tiny.yaml'
+    cfg.write_text(yaml.safe_dump(dict(
+        students={'test_resnet': dict(teacher='test_resnet', methods=['baseline'])},
+        lrs=[0.05, 0.1], extend_edges=False, seeds=2, headline_seeds=2, headline=[],
+        train=dict(batch_size=16, validation_batch_size=1000, epochs=1, warmup_epochs=0, val_holdout=32,
+                   train_limit=64, workers=0, precise_bn=0), teacher=dict(epochs=1))))
+    out = tmp_path / 'out'
+    cmd = [sys.executable, 'benchmarks/study.py', '--config', str(cfg),
+           '--output', str(out), '--data-dir', str(fashion_mnist_root)]
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out / 'runs.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r['lr'], r['seed']) for r in rows) in (
+        [('0.05', '0'), ('0.05', '1'), ('0.1', '0')], [('0.05', '0'), ('0.1', '0'), ('0.1', '1')])
+    assert all(float(r['test_top1']) >= 0 and r['images'] == '64' and r['processor'] for r in rows)
+    assert not list(out.glob('runs/*/last.pth'))  # finished runs keep their student only
+    again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and ': training (' not in again.stdout and ': resuming (' not in again.stdout
