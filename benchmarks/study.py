@@ -250,12 +250,19 @@ def committed_files(run_dir: Path) -> List[Path]:
 
 
 def git_commit_paths(paths: Sequence[Path], message: str):
-    """ Commit exactly these paths (others' staged changes stay staged), retrying a busy index. """
-    rel = [str(p.relative_to(REPO_ROOT)) for p in paths]
+    """ Commit exactly these paths in the repository that holds them (others' staged changes stay
+    staged), retrying a busy index. """
+    top = subprocess.run(['git', 'rev-parse', '--show-toplevel'], cwd=paths[0].parent, capture_output=True,
+                         text=True)
+    if top.returncode != 0:
+        print(f'not committed: {paths[0].parent} is not in a git repository', flush=True)
+        return
+    repo = Path(top.stdout.strip())
+    rel = [str(p.resolve().relative_to(repo.resolve())) for p in paths]
     for attempt in range(10):
-        add = subprocess.run(['git', 'add', '--', *rel], cwd=REPO_ROOT, capture_output=True, text=True)
+        add = subprocess.run(['git', 'add', '--', *rel], cwd=repo, capture_output=True, text=True)
         if add.returncode == 0:
-            commit = subprocess.run(['git', 'commit', '-q', '-m', message, '--', *rel], cwd=REPO_ROOT,
+            commit = subprocess.run(['git', 'commit', '-q', '-m', message, '--', *rel], cwd=repo,
                                     capture_output=True, text=True)
             if commit.returncode == 0 or 'nothing' in commit.stdout + commit.stderr:
                 return

@@ -134,7 +134,6 @@ def test_commit_paths_leaves_others_staged_work_alone(study, tmp_path, monkeypat
     (repo / 'runs').mkdir()
     result = repo / 'runs' / 'summary.csv'
     result.write_text('epoch\n0\n')
-    monkeypatch.setattr(study, 'REPO_ROOT', repo)
     monkeypatch.setenv('GIT_AUTHOR_NAME', 't'), monkeypatch.setenv('GIT_AUTHOR_EMAIL', 't@t')
     monkeypatch.setenv('GIT_COMMITTER_NAME', 't'), monkeypatch.setenv('GIT_COMMITTER_EMAIL', 't@t')
     study.git_commit_paths([result], 'study: a run finished')
