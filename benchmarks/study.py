@@ -28,6 +28,7 @@ weights are not (.gitignore).
 """
 import argparse
 import csv
+import fcntl
 import json
 import math
 import os
@@ -137,7 +138,7 @@ class Planner:
 
     def final_val(self, run: Run) -> Optional[float]:
         run_dir = self.runs_dir / run.name
-        if not accuracy.is_finished(run_dir, run.epochs):
+        if not completed(run_dir, run.epochs):
             return None
         return read_summary(run_dir / 'summary.csv')[-1]['eval_top1']
 
@@ -232,14 +233,22 @@ def git_commit() -> str:
         return 'unknown'
 
 
-def record_session(run_dir: Path):
-    """ study.json: every processor and commit that trained part of this run (a resumed run may
-    continue on another machine: single runs do not reproduce across processors). """
+def read_info(run_dir: Path) -> dict:
     path = run_dir / 'study.json'
-    info = json.loads(path.read_text()) if path.exists() else {'processors': [], 'commits': []}
+    return json.loads(path.read_text()) if path.exists() else {'processors': [], 'commits': []}
+
+
+def record_session(run_dir: Path, finished: bool = False):
+    """ study.json: every processor and commit that trained part of this run (a resumed run may
+    continue on another machine: single runs do not reproduce across processors), and whether its
+    results were collected. """
+    path = run_dir / 'study.json'
+    info = read_info(run_dir)
     for key, value in (('processors', processor()), ('commits', git_commit())):
         if value not in info[key]:
             info[key].append(value)
+    if finished:
+        info['finished'] = True
     tmp = path.with_suffix('.json.tmp')
     tmp.write_text(json.dumps(info, indent=1) + '\n')
     os.replace(tmp, path)
@@ -276,59 +285,85 @@ def git_commit_paths(paths: Sequence[Path], message: str):
     print('git commit failed: the index stayed locked', flush=True)
 
 
+def completed(run_dir: Path, epochs: int) -> bool:
+    """ Every epoch in summary.csv (a clone of the repository has the committed summaries of
+    finished runs, not their weights). """
+    summary = run_dir / 'summary.csv'
+    return summary.exists() and [int(r['epoch']) for r in read_summary(summary)] == list(range(epochs))
+
+
+def state_of(run: Run, runs_dir: Path) -> str:
+    """ 'finished', 'resume' (a checkpoint to continue from), 'stale' (started, no checkpoint yet:
+    restarted from scratch) or 'new'; refuses a folder trained with other arguments. """
+    run_dir = runs_dir / run.name
+    if not run_dir.exists():
+        return 'new'
+    accuracy.check_same_arguments(run, run_dir)
+    if completed(run_dir, run.epochs):
+        return 'finished'
+    return 'resume' if (run_dir / 'last.pth').exists() else 'stale'
+
+
+def finalize(run: Run, out_dir: Path, planner: Planner, commit: bool):
+    """ A finished run: checkpoints pruned (the student stays: teachers and fine-tune starts are
+    read by later runs), study.json marked, tables rebuilt and, with --commit, committed. """
+    run_dir = planner.runs_dir / run.name
+    for name in ('last.pth', 'model_best.pth'):
+        (run_dir / name).unlink(missing_ok=True)
+    record_session(run_dir, finished=True)
+    row = read_summary(run_dir / 'summary.csv')[-1]
+    print(f'{run.name}: finished, val top-1 {row["eval_top1"]:.2f}, test top-1 '
+          f'{row.get("test_top1") or float("nan"):.2f}, {sum(r["epoch_time"] for r in read_summary(run_dir / "summary.csv")) / 60:.1f} min', flush=True)
+    written = collect(out_dir, planner, quiet=True)
+    if commit:
+        git_commit_paths(committed_files(run_dir) + written, f'study: {run.name} finished (val top-1 {row["eval_top1"]:.2f})')
+
+
 def run_study(planner: Planner, out_dir: Path, max_hours: Optional[float], commit: bool,
               only: Optional[Sequence[str]]) -> bool:
     """ Run the next runnable unfinished run until none is left (True) or one fails (False). """
     runs_dir, logs_dir = planner.runs_dir, out_dir / 'logs'
     start = time.time()
-    failed = set()
     while True:
         todo = [r for r in planner.plan() if isinstance(r, Run)]
         if only:  # the chosen methods and the runs they read (teacher, fine-tune start)
             wanted = {r.name for r in todo if r.method in only}
             wanted |= {n for r in todo if r.name in wanted for n in r.needs}
             todo = [r for r in todo if r.name in wanted]
-        pending = [r for r in todo if accuracy.run_state(r, runs_dir) != 'finished']
-        runnable = [r for r in pending if r.name not in failed and all(
-            accuracy.is_finished(runs_dir / n, planner_epochs(planner, n)) for n in r.needs)]
+        states = {r.name: state_of(r, runs_dir) for r in todo}
+        for r in todo:  # finished while no driver watched (killed driver, earlier session)
+            if states[r.name] == 'finished' and not read_info(runs_dir / r.name).get('finished'):
+                finalize(r, out_dir, planner, commit)
+        pending = [r for r in todo if states[r.name] != 'finished']
+        missing_weights = {n for r in pending for n in r.needs
+                           if states.get(n) == 'finished' and not (runs_dir / n / 'student.safetensors').exists()}
+        runnable = [r for r in pending if all(states.get(n) == 'finished' and n not in missing_weights
+                                              for n in r.needs)]
         if not runnable:
+            if missing_weights:
+                print(f'the weights of {", ".join(sorted(missing_weights))} are not on this machine (only its '
+                      'summary is committed): delete its folder under runs/ to train it again', flush=True)
             if pending:
                 print(f'{len(pending)} run(s) left, none runnable: {", ".join(r.name for r in pending[:5])}')
-            return not failed
+            return not pending
         if max_hours is not None and time.time() - start > max_hours * 3600:
             print(f'--max-hours {max_hours} reached: {len(pending)} run(s) left, the same command continues')
             return True
         run = runnable[0]
-        state = accuracy.run_state(run, runs_dir)
+        state = states[run.name]
         if state == 'stale':
             import shutil
             shutil.rmtree(runs_dir / run.name)
         print(f'{run.name}: {"resuming" if state == "resume" else "training"} ({len(pending)} left) ...', flush=True)
-        t0 = time.time()
         if state == 'resume':  # a new run's folder is train.py's to create (an existing one gets a suffix)
             record_session(runs_dir / run.name)
         rc = accuracy.execute(run, runs_dir, logs_dir, resume=state == 'resume')
         if (runs_dir / run.name).is_dir():
             record_session(runs_dir / run.name)
-        if rc != 0 or not accuracy.is_finished(runs_dir / run.name, run.epochs):
+        if rc != 0 or not completed(runs_dir / run.name, run.epochs):
             print(f'{run.name}: FAILED (exit {rc}), see {logs_dir / run.name}.log', flush=True)
-            failed.add(run.name)
             return False
-        # the teacher's and the baseline's weights are read by later runs; the rest can go
-        for name in ('last.pth', 'model_best.pth'):
-            (runs_dir / run.name / name).unlink(missing_ok=True)
-        row = read_summary(runs_dir / run.name / 'summary.csv')[-1]
-        print(f'{run.name}: done in {(time.time() - t0) / 60:.1f} min, val top-1 {row["eval_top1"]:.2f}, '
-              f'test top-1 {row.get("test_top1") or float("nan"):.2f}', flush=True)
-        written = collect(out_dir, planner, quiet=True)
-        if commit:
-            git_commit_paths(committed_files(runs_dir / run.name) + written,
-                             f'study: {run.name} finished (val top-1 {row["eval_top1"]:.2f})')
-
-
-def planner_epochs(planner: Planner, name: str) -> int:
-    args_file = planner.runs_dir / name / 'args.yaml'
-    return int(load_yaml(args_file)['epochs']) if args_file.exists() else -1
+        finalize(run, out_dir, planner, commit)
 
 
 # ---------------------------------------------------------------- collection
@@ -591,7 +626,7 @@ def print_plan(planner: Planner):
         if isinstance(item, Blocked):
             print(f'# {item.name}: blocked, {item.reason}')
             continue
-        state = accuracy.run_state(item, planner.runs_dir)
+        state = state_of(item, planner.runs_dir)
         print(f'# {item.name}: {state}')
         if state != 'finished':
             print('  ' + ' '.join(accuracy.command(item, planner.runs_dir, resume=state == 'resume')[1:]))
@@ -631,7 +666,12 @@ def main(argv=None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     ignore = args.output / '.gitignore'
     if not ignore.exists():  # summaries and tables are committed, weights and logs are not
-        ignore.write_text('logs/\n*.pth\n*.safetensors\n*.tmp\n')
+        ignore.write_text('logs/\n*.pth\n*.safetensors\n*.tmp\n.lock\n')
+    lock = open(args.output / '.lock', 'w')
+    try:  # two drivers on one output would train the same run twice
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f'another benchmarks/study.py is running on {args.output}')
     ok = run_study(planner, args.output, args.max_hours, args.commit, args.only)
     collect(args.output, planner)
     return 0 if ok else 1

@@ -165,3 +165,21 @@ def test_tiny_study_end_to_end(repo_root, fashion_mnist_root, tmp_path):
     assert not list(out.glob('runs/*/last.pth'))  # finished runs keep their student only
     again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and ': training (' not in again.stdout and ': resuming (' not in again.stdout
+
+
+def test_a_run_finished_without_its_driver_is_collected_not_retrained(study, tmp_path):
+    """ The driver was killed while train.py went on to finish: the next driver records, prunes
+    and collects that run instead of training it again; in a clone without its weights, a run
+    that reads them waits with a clear message. """
+    runs_dir, out = tmp_path / 'out' / 'runs', tmp_path / 'out'
+    cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline', 'finetune_plain'])},
+               lrs=[0.05], extend_edges=False, seeds=1, headline_seeds=1, headline=[])
+    planner = study.Planner(cfg, runs_dir, tmp_path / 'data')
+    base = planned(planner)['resnet18-baseline-lr0.05-s0']
+    finish(runs_dir / base.name, base, 80)
+    (runs_dir / base.name / 'last.pth').write_bytes(b'x')
+    (runs_dir / base.name / 'student.safetensors').unlink()  # a clone: the summary only
+    assert study.run_study(planner, out, None, False, None) is False  # the fine-tune cannot start
+    assert study.read_info(runs_dir / base.name)['finished'] is True
+    assert not (runs_dir / base.name / 'last.pth').exists() and (out / 'runs.csv').exists()
+    assert study.state_of(base, runs_dir) == 'finished'
