@@ -3,9 +3,9 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import GroupNorm1
+from timm.layers import GatedMlp, GroupNorm1
 from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
-from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
+from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, SpatialGatingBlock
 
 from timm_gpd.reparam.widen import max_logit_error
 
@@ -180,3 +180,69 @@ def sgd_steps(model, x, steps=2):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
     return model
+
+
+# ---- families whose blocks concatenate or split channels by count (channel segments)
+
+# GhostNet stages (kernel, mid, out, SE ratio, stride) at width 0.5: a stride-1 block, a stride-2
+# block with SE, a depthwise conv and a conv shortcut, and one with SE and an identity shortcut
+TINY_GHOSTNET = [[[3, 16, 16, 0, 1]], [[3, 48, 24, 0.25, 2]], [[3, 72, 24, 0.25, 1]]]
+
+
+def tiny_cspnet(stage_type: str = 'csp', **kwargs) -> nn.Module:
+    """A two-stage CspNet: CrossStage ('csp', cspresnet-style bottlenecks, expand ratio 2, linear
+    cross path) or CrossStage3 ('cs3', cs3darknet-style dark blocks)."""
+    from timm.models.cspnet import CspModelCfg, CspNet, CspStagesCfg, CspStemCfg
+    if stage_type == 'csp':
+        stages = CspStagesCfg(depth=(1, 2), out_chs=(32, 64), stride=(1, 2), expand_ratio=2., bottle_ratio=0.5,
+                              cross_linear=True)
+    else:
+        stages = CspStagesCfg(depth=(1, 2), out_chs=(32, 64), stride=2, block_ratio=0.5, stage_type='cs3',
+                              block_type='dark')
+    cfg = CspModelCfg(stem=CspStemCfg(out_chs=16, kernel_size=3, stride=2, pool=''), stages=stages,
+                      act_layer='silu' if stage_type == 'cs3' else 'leaky_relu')
+    return CspNet(cfg, **kwargs)
+
+
+def _ghostnet(version: str):
+    def build(**kwargs) -> nn.Module:
+        from timm.models.ghostnet import GhostNet
+        return GhostNet(TINY_GHOSTNET, width=0.5, version=version, **kwargs)
+    build.__name__ = f'ghostnet_{version}'
+    return build
+
+
+CONCAT_FAMILIES = [
+    # dense blocks: every layer reads the concatenation of all earlier features
+    ('densenet', 'densenet121', dict(growth_rate=8, block_config=(2, 2))),
+    # primary features concatenated with their depthwise (cheap) transform; SE, residual adds
+    ('ghostnet', _ghostnet('v1'), dict(drop_rate=0.)),  # functional dropout: masks differ by chance
+    # + V2's gating branch (avg-pooled, interpolated) on the kept channels
+    ('ghostnetv2', _ghostnet('v2'), dict(drop_rate=0.)),
+    # CrossStage: expanded features split in halves, blocks on one, concatenated back
+    ('cspnet', tiny_cspnet, dict(stage_type='csp')),
+    # CrossStage3
+    ('cs3darknet', tiny_cspnet, dict(stage_type='cs3')),
+]
+FAMILIES.extend(CONCAT_FAMILIES)
+FAMILY_IDS.extend(f[0] for f in CONCAT_FAMILIES)
+FAMILY_RATIOS.update({f[0]: (2, 1.5) for f in CONCAT_FAMILIES})
+# more of them, at ratio 2 (with and without CBR): the smallest variants, fewer blocks where timm allows
+MORE_CONCAT_FAMILIES = [
+    ('dla', 'dla46x_c', {}),  # tree roots concatenate their children; grouped bottlenecks
+    ('vovnet', 'ese_vovnet19b_slim_dw', {}),  # one-shot aggregation, effective SE
+    ('res2net', 'res2net50_14w_8s', dict(layers=(1, 1, 1, 1))),  # split into scales of `width`
+    ('resnest', 'resnest14d', dict(layers=(1, 1, 1, 1))),  # radix split, softmax across the splits
+    ('sknet', 'skresnet18', dict(layers=(1, 1, 1, 1))),  # kernel paths over split inputs, stacked
+    ('dpn', 'dpn48b', dict(k_sec=(1, 1, 1, 1))),  # residual and dense paths
+    ('mobilevit', 'mobilevit_xxs', {}),  # input concatenated with the transformer's output
+    ('mixnet', 'mixnet_s', {}),  # MixedConv2d: fixed-size channel groups per kernel size
+    ('fasternet', 'fasternet_t0', {}),  # partial conv on the first channels
+    ('mambaout', 'test_mambaout', {}),  # gate / identity / conv split of the hidden channels
+    ('efficientvit_mit', 'efficientvit_b0', {}),  # multi-scale linear attention, head-major q/k/v
+    ('gmlp', MlpMixer, dict(img_size=32, patch_size=8, num_blocks=2, embed_dim=64, mlp_ratio=6,  # spatial gating
+                            block_layer=SpatialGatingBlock, mlp_layer=GatedMlp)),  # over halves of the channels
+]
+FAMILIES.extend(MORE_CONCAT_FAMILIES)
+FAMILY_IDS.extend(f[0] for f in MORE_CONCAT_FAMILIES)
+FAMILY_RATIOS.update({f[0]: (2,) for f in MORE_CONCAT_FAMILIES})

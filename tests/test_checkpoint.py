@@ -177,7 +177,7 @@ def test_warmup_that_covers_every_epoch_is_refused(train_module, tmp_path):
 
 @pytest.mark.parametrize('extra, message', [
     (['--gpd', '--gpd-ratio', '0.5'], 'gpd_ratio must be a finite number > 1'),
-    (['--gpd', '--model', 'densenet121'], 'features.denseblock1 (DenseBlock) concatenates'),
+    (['--gpd', '--model', 'coat_tiny'], 'crpe1 (ConvRelPosEnc) splits its channels'),
     (['--gpd', '--gpd-ratio', '0.5', '--num-classes', '10'], 'gpd_ratio must be a finite number > 1'),
 ])
 def test_gpd_errors_come_before_the_dataset(train_module, tmp_path, extra, message):

@@ -245,14 +245,37 @@ class _ConcatNet(nn.Module):
         return self.head(self.block(self.stem(x)).mean((2, 3)))
 
 
-def test_channel_concat_is_located_and_refused():
-    with pytest.raises(NotImplementedError, match=r'block \(_ConcatBlock\)'):
-        timm_gpd.inverse_reparameterize(_ConcatNet(), ratio=2)
+def test_channel_concat_widens_exactly():
+    # the concatenation's parts are laid out one after the other, each copy-major (spaces.py)
+    net = _ConcatNet()
+    wide = timm_gpd.inverse_reparameterize(net, ratio=2)  # checked exact
+    assert wide.block.bn.num_features == 16 and wide.head.in_features == 16
 
 
-def test_densenet_is_refused_with_module_path():
-    with pytest.raises(NotImplementedError, match=r'features\.denseblock1 \(DenseBlock\)'):
-        timm_gpd.GPDModel(timm.create_model('densenet121', num_classes=10), cbr=False)
+class _ShuffleBlock(nn.Module):
+    """A channel shuffle by reshapes: channels move in a way no rule or tracing follows."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 2 * c, 1)
+        self.proj = nn.Conv2d(2 * c, 2 * c, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        return self.proj(y.view(b, c // 2, 2, h, w).transpose(1, 2).reshape(b, c, h, w))
+
+
+def test_channel_shuffle_is_located_and_refused():
+    net = _ConcatNet()
+    net.block = _ShuffleBlock(4)
+    with pytest.raises(NotImplementedError, match=r'^block \(_ShuffleBlock\) combines channels'):
+        timm_gpd.inverse_reparameterize(net, ratio=2)
+
+
+def test_block_refused_up_front_is_named_with_its_path():
+    with pytest.raises(NotImplementedError, match=r'^crpe1 \(ConvRelPosEnc\) splits its channels'):
+        timm_gpd.GPDModel(timm.create_model('coat_tiny', num_classes=10), cbr=False)
 
 
 def test_module_without_rule_is_refused_with_path():

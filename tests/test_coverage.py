@@ -14,9 +14,9 @@ def test_one_family_is_checked_exact_or_refused(coverage):
     assert exact['plain']['status'] == 'exact' and exact['cbr']['status'] == 'exact'
     assert exact['plain']['max_err'] <= exact['plain']['tol']
     # refused up front by timm_gpd, with the block and the reason
-    refused = coverage.check_family('ghostnet', 2.0, model='ghostnet_050')
+    refused = coverage.check_family('coat', 2.0, model='coat_tiny')
     assert refused['plain']['status'] == 'refused' and refused['plain']['stage'] == 'plan'
-    assert 'GhostModule' in refused['plain']['reason']
+    assert 'ConvRelPosEnc' in refused['plain']['reason']
 
 
 def test_driver_caches_results_and_skips_what_is_done(coverage, tmp_path, monkeypatch, capsys):

@@ -97,7 +97,7 @@ class GPDModel(nn.Module):
             if reference is not None and low_precision:
                 reference = reference.float()
             x = check_input(checked.teacher, plan.stem).float()
-            check_function_preserved(_StudentOf(checked), checked.teacher, x)
+            check_function_preserved(_StudentOf(checked), checked.teacher, x, inputs=plan.segmented_inputs)
             if reference is not None:
                 check_function_preserved(reference, _StudentOf(checked), x, 'CBR student')
 

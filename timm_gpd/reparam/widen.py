@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 
 from .branches import CBRConv2d
-from .expansion import TensorPlan, symmetry_noise, widen_tensor, widened_size
-from .rules import ModulePlan, RuleContext, get_rule, unsupported_reason
+from .expansion import ChannelMap, TensorPlan, symmetry_noise, widen_tensor, widened_size
+from .rules import ModulePlan, RuleContext, get_rule, reads_segments, unsupported_reason
+from .spaces import ChannelSpaces, trace_channel_spaces
 
 DEFAULT_NOISE = 0.01
 CHECK_IMG_SIZE = 32
@@ -23,6 +24,9 @@ class ExpansionPlan:
     classifier: Tuple[str, ...]
     noiseless: Set[str] = field(default_factory=set)  # full names of tensors that get no symmetry noise
     widths: Dict[int, int] = field(default_factory=dict)  # student channel count -> DT width
+    # module path -> per call, the map of its input where that input is several segments (a
+    # concatenation), else None: where the DT's copy of the student's channels is, for the culprit search
+    segmented_inputs: Dict[str, List[Optional[ChannelMap]]] = field(default_factory=dict)
 
 
 def whole_group_widths(model: nn.Module, ratio: float, stem: Sequence[str] = ()) -> Dict[int, int]:
@@ -101,12 +105,48 @@ def find_stem_and_classifier(model: nn.Module) -> Tuple[Tuple[str, ...], Tuple[s
     return stem, classifier
 
 
+def _refuse_unsupported(model: nn.Module):
+    for path, module in model.named_modules():
+        reason = unsupported_reason(module)
+        if reason:
+            raise NotImplementedError(f'{path or "<model>"} ({type(module).__name__}) {reason}: '
+                                      'inverse reparameterization does not support it')
+
+
+def channel_spaces(model: nn.Module, stem: Sequence[str]) -> ChannelSpaces:
+    """The channel segments of every module's input and output, traced on the check input
+    (blocks refused up front are refused before this forward)."""
+    _refuse_unsupported(model)
+    x = check_input(model, stem, batch=1)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return trace_channel_spaces(model, x if param is None else x.to(param.dtype))
+
+
+def _segmented(sizes) -> bool:
+    return sizes is not None and len(sizes) > 1
+
+
+def check_segments(path: str, module: nn.Module, rule, in_sizes, out_sizes, spaces: ChannelSpaces):
+    """Refuse a module whose channels arrive in several segments (concatenated or split by count)
+    when its rule lays channels out as one block, or when a cut falls inside one of its groups."""
+    name = f'{path or "<model>"} ({type(module).__name__})'
+    if path in spaces.errors:
+        raise NotImplementedError(f'{name}: {spaces.errors[path]}: inverse reparameterization does not support it')
+    if (_segmented(in_sizes) or _segmented(out_sizes)) and not reads_segments(rule):
+        sizes = in_sizes if _segmented(in_sizes) else out_sizes
+        raise NotImplementedError(
+            f'{name} sees channels concatenated or split by count (parts of {list(sizes)} channels) and its '
+            'inverse reparameterization rule lays channels out as one block: inverse reparameterization '
+            'does not support it')
+
+
 def plan_expansion(model: nn.Module, ratio: float) -> ExpansionPlan:
     """Walk ``model`` and collect how every tensor widens; raises on anything not covered."""
     ratio = validate_ratio(ratio)
     stem, classifier = find_stem_and_classifier(model)
     plan = ExpansionPlan({}, [], stem, classifier)
     plan.widths.update(whole_group_widths(model, ratio, stem))
+    spaces = channel_spaces(model, stem)
 
     def visit(path: str, module: nn.Module):
         reason = unsupported_reason(module)
@@ -122,8 +162,10 @@ def plan_expansion(model: nn.Module, ratio: float) -> ExpansionPlan:
                     f'and no inverse reparameterization rule; register one with timm_gpd.register_rule')
             handled = set()
         else:
+            in_sizes, out_sizes = spaces.io.get(path, (None, None))
+            check_segments(path, module, rule, in_sizes, out_sizes, spaces)
             ctx = RuleContext(path, ratio, expand_in=path not in stem, expand_out=path not in classifier,
-                              widths=plan.widths)
+                              widths=plan.widths, in_sizes=in_sizes, out_sizes=out_sizes, spaces=spaces.io)
             mp: ModulePlan = rule(module, ctx)
             for name, tplan in mp.tensors.items():
                 if tplan.dims:
@@ -140,6 +182,11 @@ def plan_expansion(model: nn.Module, ratio: float) -> ExpansionPlan:
     visit('', model)
     if not plan.tensors:
         raise ValueError(f'ratio {ratio} adds no channel anywhere in {type(model).__name__}')
+    for path, calls in spaces.calls.items():
+        if any(_segmented(s) for s in calls):
+            plan.segmented_inputs[path] = [
+                ChannelMap(tuple(s), tuple(plan.widths.get(n, widened_size(n, ratio)) for n in s)) if _segmented(s)
+                else None for s in calls]
     return plan
 
 
@@ -303,9 +350,12 @@ def _tensors(value) -> List[torch.Tensor]:
     return []
 
 
-def locate_mismatch(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, tol: float) -> Optional[str]:
+def locate_mismatch(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, tol: float,
+                    segmented: Optional[Dict[str, List[Optional[ChannelMap]]]] = None) -> Optional[str]:
     """Path and type of the module whose forward first hands a child channels that are not
-    replicas of the student's: that module's own code (a concat, a shuffle...) mixes channels."""
+    replicas of the student's: that module's own code (a concat, a shuffle...) mixes channels.
+    ``segmented``: per module and call, where its input is several segments, its map (the
+    student's channels are then the primary positions of each segment, not the first ones)."""
     inputs: Dict[str, List[List[torch.Tensor]]] = {}  # per module, the inputs of each call
     calls: Dict[str, int] = {}
 
@@ -325,7 +375,12 @@ def locate_mismatch(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, tol: fl
             recorded = inputs.get(path, [])
             if call >= len(recorded):
                 return
+            maps = (segmented or {}).get(path) or []
+            cmap = maps[call] if call < len(maps) else None
             for ref, got in zip(recorded[call], _tensors(args)):
+                if (cmap is not None and got.ndim > 1 and ref.ndim == got.ndim and got.shape[1] == cmap.wide_size
+                        and ref.shape[1] == cmap.size):
+                    got = got.index_select(1, cmap.primary_index().to(got.device))
                 got = _first_copy(got, ref.shape)
                 if got is None or (got.float() - ref.float()).abs().max().item() > tol:
                     raise _Found(path)
@@ -352,7 +407,8 @@ def locate_mismatch(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, tol: fl
     return None
 
 
-def check_function_preserved(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, what: str = 'dynamic teacher'):
+def check_function_preserved(narrow: nn.Module, wide: nn.Module, x: torch.Tensor, what: str = 'dynamic teacher',
+                             inputs: Optional[Dict[str, List[Optional[ChannelMap]]]] = None):
     """Eval-mode fp32 check that ``wide`` computes what ``narrow`` does; raises with the culprit."""
     modes = [(m, m.training) for net in (narrow, wide) for m in net.modules()]
     narrow.eval()
@@ -370,7 +426,7 @@ def check_function_preserved(narrow: nn.Module, wide: nn.Module, x: torch.Tensor
         err, tol = max_logit_error(ref, out)
         if out.shape == ref.shape and err <= tol:
             return
-        culprit = locate_mismatch(narrow, wide, x, tol)
+        culprit = locate_mismatch(narrow, wide, x, tol, inputs)
         if culprit is not None:
             raise NotImplementedError(
                 f'{culprit} combines channels in its forward in a way the inverse reparameterization rules do '
@@ -394,5 +450,5 @@ def inverse_reparameterize(
     plan = plan_expansion(model, ratio)
     wide = build_wide_model(model, plan, noise=noise, seed=seed)
     if check:
-        check_function_preserved(model, wide, check_input(model, plan.stem))
+        check_function_preserved(model, wide, check_input(model, plan.stem), inputs=plan.segmented_inputs)
     return wide

@@ -28,11 +28,25 @@ class RuleContext:
     # DT width of each student channel count, shared by every rule of one model: fixed in advance
     # where grouped convs need whole groups, filled with ``widened_size`` as counts are met
     widths: Dict[int, int] = field(default_factory=dict)
+    # segment sizes of the module's input / output where a concatenation or split by count lays
+    # their channels out in several copy-major segments (``spaces.trace_channel_spaces``), and
+    # those of every module of the model, by path (rules of blocks read their children's)
+    in_sizes: Optional[Tuple[int, ...]] = None
+    out_sizes: Optional[Tuple[int, ...]] = None
+    spaces: Dict[str, Tuple[Optional[Tuple[int, ...]], Optional[Tuple[int, ...]]]] = field(default_factory=dict)
 
-    def channels(self, n: int, expand: bool = True) -> ChannelMap:
+    def width(self, n: int) -> int:
+        return self.widths.setdefault(n, widened_size(n, self.ratio))
+
+    def channels(self, n: int, expand: bool = True, sizes: Optional[Sequence[int]] = None) -> ChannelMap:
+        """How ``n`` channels widen: one copy-major segment, or the segments ``sizes`` (when they
+        are several and add up to ``n``), each copy-major on its own."""
         if not expand:
             return ChannelMap.identity(n)
-        cmap = ChannelMap((n,), (self.widths.setdefault(n, widened_size(n, self.ratio)),))
+        if sizes is not None and len(sizes) > 1 and sum(sizes) == n:
+            cmap = ChannelMap(tuple(sizes), tuple(self.width(s) for s in sizes))
+        else:
+            cmap = ChannelMap((n,), (self.width(n),))
         if not cmap.expanded:
             raise ValueError(
                 f'gpd_ratio {self.ratio} adds no channel to {self.path} ({n} channels); use a larger ratio')
@@ -52,10 +66,42 @@ class RuleContext:
         return dataclasses.replace(self, **changes)
 
     def input_map(self, n: int) -> ChannelMap:
-        return self.channels(n, self.expand_in)
+        return self.channels(n, self.expand_in, self.in_sizes)
 
     def output_map(self, n: int) -> ChannelMap:
-        return self.channels(n, self.expand_out)
+        return self.channels(n, self.expand_out, self.out_sizes)
+
+    def per_channel_map(self, n: int) -> ChannelMap:
+        """The channels of a per-channel module (a norm): its input's segments."""
+        return self.channels(n, True, self.in_sizes or self.out_sizes)
+
+    def wide_position(self, cmap: ChannelMap, position: int, what: str) -> int:
+        """The DT position of student channel boundary ``position`` of ``cmap`` (a split point):
+        it must fall between two segments."""
+        offset = wide = 0
+        for s, w in zip(cmap.sizes, cmap.wide):
+            if offset == position:
+                return wide
+            offset, wide = offset + s, wide + w
+        if offset == position:
+            return wide
+        raise NotImplementedError(
+            f'{self.path} {what} at channel {position}, inside one of its segments {cmap.sizes}: '
+            'the dynamic teacher cannot split there')
+
+    def wide_parts(self, cmap: ChannelMap, parts: Sequence[int], what: str) -> Tuple[int, ...]:
+        """DT sizes of consecutive student parts of ``cmap`` (the counts a split by count uses)."""
+        bounds, total = [0], 0
+        for p in parts:
+            total += p
+            bounds.append(self.wide_position(cmap, total, what))
+        return tuple(b - a for a, b in zip(bounds, bounds[1:]))
+
+    def traced_map(self, path: str, n: int, output: bool = True) -> ChannelMap:
+        """The channels of module ``path``'s output (or input) as traced: segments where a
+        split or concatenation cuts them."""
+        sizes = self.spaces.get(path, (None, None))[1 if output else 0]
+        return self.channels(n, sizes=sizes)
 
     def require_uniform(self, cmap: ChannelMap, what: str):
         if not cmap.uniform:
@@ -77,6 +123,8 @@ class ModulePlan:
 
 Rule = Callable[[nn.Module, RuleContext], ModulePlan]
 _RULES: Dict[Type[nn.Module], Rule] = {}
+# rules that lay channels out in the segments the context gives (RuleContext.in_sizes / out_sizes)
+_SEGMENT_AWARE: Set[Rule] = set()
 _UNSUPPORTED: Dict[Type[nn.Module], str] = {nn.ChannelShuffle: 'permutes channels'}
 
 
@@ -86,6 +134,18 @@ def register_rule(*types: Type[nn.Module]):
             _RULES[t] = fn
         return fn
     return wrap
+
+
+def follows_segments(fn: Rule) -> Rule:
+    """Mark a rule as laying its tensors out in the segments of its context: a module whose
+    input or output is several segments (a concatenation, a split by count) is refused when its
+    rule is not marked."""
+    _SEGMENT_AWARE.add(fn)
+    return fn
+
+
+def reads_segments(rule: Optional[Rule]) -> bool:
+    return rule in _SEGMENT_AWARE
 
 
 def register_unsupported(module_type: Type[nn.Module], reason: str):

@@ -3,7 +3,7 @@ import torch.nn as nn
 
 from ..branches import CBRConv2d
 from ..expansion import COPY, MIX, ChannelMap
-from ._registry import ModulePlan, RuleContext, per_channel, plan_of, register_rule, timm_types
+from ._registry import ModulePlan, RuleContext, follows_segments, per_channel, plan_of, register_rule, timm_types
 
 
 def _grouped_maps(ctx: RuleContext, in_map: ChannelMap, out_map: ChannelMap, groups: int) -> int:
@@ -17,6 +17,18 @@ def _grouped_maps(ctx: RuleContext, in_map: ChannelMap, out_map: ChannelMap, gro
             f'{ctx.path}: grouped conv ({groups} groups of {in_per_group} -> {out_per_group} channels) '
             f'cannot be widened to {in_map.wide_size} -> {out_map.wide_size} channels with whole groups; '
             f'the widths chosen for ratio {ctx.ratio} do not give both sides the same number of groups.')
+    if len(in_map.sizes) > 1 or len(out_map.sizes) > 1:
+        # segments laid out copy-major each (a concatenation): every segment must hold whole groups,
+        # in the student and in the DT, the same number on both sides
+        pairs = list(zip(in_map.sizes, in_map.wide, out_map.sizes, out_map.wide))
+        if len(in_map.sizes) != len(out_map.sizes) or any(
+                si % in_per_group or wi % in_per_group or so % out_per_group or wo % out_per_group
+                or si // in_per_group != so // out_per_group or wi // in_per_group != wo // out_per_group
+                for si, wi, so, wo in pairs):
+            raise NotImplementedError(
+                f'{ctx.path}: grouped conv over concatenated segments {in_map.sizes} -> {out_map.sizes} '
+                f'(widened to {in_map.wide} -> {out_map.wide}) that do not hold whole groups of '
+                f'{in_per_group} -> {out_per_group} channels')
     return wide_groups
 
 
@@ -31,6 +43,7 @@ def kernel_plans(ctx: RuleContext, in_channels: int, out_channels: int, groups: 
 
 
 @register_rule(nn.Conv2d, nn.Conv1d, *timm_types('timm.layers', 'Conv2dSame'))
+@follows_segments
 def conv_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     kernel, in_map, out_map, groups = kernel_plans(ctx, m.in_channels, m.out_channels, m.groups)
     plan = ModulePlan(
@@ -42,11 +55,12 @@ def conv_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
 
 
 @register_rule(CBRConv2d)
+@follows_segments
 def cbr_rule(m: CBRConv2d, ctx: RuleContext) -> ModulePlan:
     kernel, in_map, out_map, groups = kernel_plans(ctx, m.in_channels, m.out_channels, m.groups)
     # the 1x1 mixer maps the input channels onto themselves: a conv with in == out
     mixer, *_ = kernel_plans(
-        ctx.but(expand_out=ctx.expand_in), m.in_channels, m.in_channels, m.groups)
+        ctx.but(expand_out=ctx.expand_in, out_sizes=ctx.in_sizes), m.in_channels, m.in_channels, m.groups)
     plan = ModulePlan(
         tensors={
             'weight': kernel, 'w_avg': kernel, 'w_prior': kernel, 'w_kxk': kernel, 'w_pw': kernel,
@@ -62,6 +76,7 @@ def cbr_rule(m: CBRConv2d, ctx: RuleContext) -> ModulePlan:
 
 # timm's Linear is nn.Linear with a TorchScript dtype cast (MobileNetV3 head)
 @register_rule(nn.Linear, *timm_types('timm.layers', 'Linear'))
+@follows_segments
 def linear_rule(m: nn.Linear, ctx: RuleContext) -> ModulePlan:
     in_map, out_map = ctx.input_map(m.in_features), ctx.output_map(m.out_features)
     plan = ModulePlan(
@@ -75,9 +90,10 @@ def linear_rule(m: nn.Linear, ctx: RuleContext) -> ModulePlan:
 @register_rule(
     nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm,
     *timm_types('timm.layers.norm_act', 'BatchNormAct2d', 'SyncBatchNormAct'))
+@follows_segments
 def batchnorm_rule(m: nn.modules.batchnorm._BatchNorm, ctx: RuleContext) -> ModulePlan:
     # per-channel statistics of replicas are the replicas' statistics: any ratio is exact
-    cmap = ctx.channels(m.num_features)
+    cmap = ctx.per_channel_map(m.num_features)
     return ModulePlan(
         tensors=per_channel(m, cmap, ('weight', 'bias', 'running_mean', 'running_var')),
         attrs={'num_features': cmap.wide_size})
@@ -88,12 +104,15 @@ def batchnorm_rule(m: nn.modules.batchnorm._BatchNorm, ctx: RuleContext) -> Modu
     *timm_types('timm.layers.norm', 'LayerNorm', 'LayerNorm2d', 'RmsNorm', 'RmsNorm2d', 'SimpleNorm', 'SimpleNorm2d',
                 'LayerNormFp32', 'LayerNorm2dFp32', 'RmsNormFp32', 'RmsNorm2dFp32', 'SimpleNormFp32', 'SimpleNorm2dFp32'),
     *timm_types('timm.layers.norm_act', 'LayerNormAct', 'LayerNormAct2d', 'RmsNormAct', 'RmsNormAct2d'))
+@follows_segments
 def layernorm_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     shape = tuple(m.normalized_shape)
     if len(shape) != 1:
         raise NotImplementedError(
             f'{ctx.path} ({type(m).__name__}) normalizes over {shape}; only a channel dimension is supported')
-    cmap = ctx.channels(shape[0])
+    # over a concatenation too: with every channel copied equally often, the mean and variance
+    # over the DT's channels are the student's, whatever the order
+    cmap = ctx.per_channel_map(shape[0])
     ctx.require_uniform(cmap, type(m).__name__)
     return ModulePlan(tensors=per_channel(m, cmap, ('weight', 'bias')), attrs={'normalized_shape': (cmap.wide_size,)})
 
@@ -172,12 +191,14 @@ register_rule(*timm_types('timm.layers', 'Attention'), *timm_types('timm.models.
 @register_rule(
     *timm_types('timm.layers', 'LayerScale', 'LayerScale2d'),
     *timm_types('timm.models.vision_transformer', 'LayerScale'))
+@follows_segments
 def layer_scale_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
-    cmap = ctx.channels(m.gamma.shape[0])
+    cmap = ctx.per_channel_map(m.gamma.shape[0])
     return ModulePlan(tensors={'gamma': plan_of((0, cmap, COPY))})
 
 
 @register_rule(*timm_types('timm.layers.std_conv', 'ScaledStdConv2d', 'ScaledStdConv2dSame', 'StdConv2d', 'StdConv2dSame'))
+@follows_segments
 def std_conv_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
     """Weight-standardized convs (NFNet, BiT): the kernel is standardized per output row over its
     fan-in F before the conv (ScaledStdConv2d also multiplies by gain * gamma / sqrt(F)).
@@ -286,7 +307,9 @@ def multi_head_attention_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
 def channel_vectors(*names, dim: int = -1):
     """A rule for a module whose own tensors ``names`` are channel vectors along ``dim`` (class
     tokens, position embeddings, layer scales): copied. A name may be a ``(name, dim)`` pair.
-    Absent or None tensors are skipped; the module's children are visited as usual."""
+    Absent or None tensors are skipped; the module's children are visited as usual. A vector over
+    the channels of the module's output (or input) takes their segments (a layer scale on a block
+    whose channels are concatenated)."""
     def rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
         plan = ModulePlan()
         for entry in names:
@@ -294,9 +317,11 @@ def channel_vectors(*names, dim: int = -1):
             t = getattr(m, name, None)
             if isinstance(t, nn.Parameter) or (t is not None and name in m._buffers):
                 d = axis % t.ndim
-                plan.tensors[name] = plan_of((d, ctx.channels(t.shape[d]), COPY))
+                n = t.shape[d]
+                sizes = next((s for s in (ctx.out_sizes, ctx.in_sizes) if s and sum(s) == n), None)
+                plan.tensors[name] = plan_of((d, ctx.channels(n, sizes=sizes), COPY))
         return plan
-    return rule
+    return follows_segments(rule)
 
 
 @register_rule(*timm_types('timm.layers.mlp', 'GluMlp'))

@@ -2,7 +2,7 @@
 import torch.nn as nn
 
 from ..expansion import COPY
-from ._registry import ModulePlan, RuleContext, plan_of, register_rule, timm_types
+from ._registry import ModulePlan, RuleContext, follows_segments, plan_of, register_rule, timm_types
 from .vit import token_params_rule
 
 
@@ -26,3 +26,12 @@ def affine_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
 
 
 register_rule(*timm_types('timm.models.mlp_mixer', 'MlpMixer'))(token_params_rule)  # embed_dim and widths equal to it
+
+
+@register_rule(*timm_types('timm.models.mlp_mixer', 'SpatialGatingUnit'))
+@follows_segments
+def spatial_gating_rule(m: nn.Module, ctx: RuleContext) -> ModulePlan:
+    """gMLP: ``u, v = x.chunk(2, dim=-1)`` (the channel tracing cuts the block's ``fc1`` rows in
+    two segments, so each half's copies stay together); ``proj`` mixes the tokens, which do not
+    widen, the same way for every channel: it stays as it is. ``norm`` is over one half."""
+    return ModulePlan(handled={'proj'})
