@@ -95,15 +95,11 @@ def test_global_response_norm_refuses_fractional_ratio():
     timm_gpd.inverse_reparameterize(net, ratio=3)  # exact (checked) with 3 copies of each channel
 
 
-# Common families whose forward splits, concatenates or reshapes channels by count: refused
-# up front, naming the block (smallest timm variant of each, default kwargs)
+# Families whose forward lays channels out by a fixed head count or splits them into groups that
+# channel segments of copies cannot follow: refused up front, naming the block (smallest timm
+# variant of each, default kwargs)
 UNSUPPORTED = [
-    ('inception_v3', 'InceptionA'),
-    # these crashed in the DT's forward (or the check) before being refused up front
-    ('inception_v4', 'Mixed3a'),
-    ('inception_resnet_v2', 'Mixed_5b'),
     ('nest_tiny', 'Attention'),
-    # channel groups by head or by scale that copies cannot follow
     ('coat_tiny', 'ConvRelPosEnc'),
     ('edgenext_xx_small', 'SplitTransposeBlock'),
 ]

@@ -343,8 +343,10 @@ class _Tracer(TorchFunctionMode):
         if len(shape) == 4 and cdim == 1 and shape[2:] == (1, 1) and len(new) >= 3 and new[0] == shape[0]:
             # a pooled [B, C, 1, 1] viewed as [B, cardinality, radix, n] (ResNeSt's radix softmax)
             factors = [(i, s) for i, s in enumerate(new) if i > 0 and s != 1]
-            if math.prod(s for _, s in factors) != c.size or len(factors) > 2 or (
-                    len(factors) == 2 and not factors[0][1] <= min(_MAX_PARTS, factors[1][1] - 1)):
+            # the channels last ([B, 1, radix, C], not a conv attention's [B, heads, dims, H * W] at 1 x 1)
+            if (math.prod(s for _, s in factors) != c.size or len(factors) > 2 or not factors
+                    or factors[-1][0] != len(new) - 1
+                    or (len(factors) == 2 and not factors[0][1] <= min(_MAX_PARTS, factors[1][1] - 1))):
                 return False
             if len(factors) == 2:
                 (_, k), (at, n) = factors
