@@ -13,6 +13,6 @@ from . import layers  # noqa: F401  (registers)
 from . import beit, cait, convnext, eva, levit, metaformer, mlp_mixer, mobilenetv3, swin, token_models, vit  # noqa: F401,E501  (register)
 from . import (  # noqa: F401  (register: blocks that split or concatenate channels by count)
     cspnet, dpn, efficientvit_mit, fasternet, focalnet, ghostnet, hgnet, inception_next, mambaout, mixed_conv,
-    nextvit, rdnet, res2net, rexnet, sknet)
+    nextvit, rdnet, res2net, rexnet, shvit, sknet)
 from . import attention_zoo, relpos  # noqa: F401  (register)
 from . import unsupported  # noqa: F401  (registers)
