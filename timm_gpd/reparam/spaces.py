@@ -340,14 +340,13 @@ class _Tracer(TorchFunctionMode):
         -- or merges such parts back. Only [B, C, H, W] <-> [B, k, n, H, W]: the head splits of
         attention (over tokens or flattened maps) keep their single layout (their rules own it)."""
         shape, new, cdim = tuple(t.shape), tuple(out.shape), c.cdim
-        if len(shape) == 4 and cdim == 1 and shape[2:] == (1, 1) and len(new) >= 3 and new[0] == shape[0]:
-            # a pooled [B, C, 1, 1] viewed as [B, cardinality, radix, n] (ResNeSt's radix softmax)
-            factors = [(i, s) for i, s in enumerate(new) if i > 0 and s != 1]
-            # the channels last ([B, 1, radix, C], not a conv attention's [B, heads, dims, H * W] at 1 x 1)
-            if (math.prod(s for _, s in factors) != c.size or len(factors) > 2 or not factors
-                    or factors[-1][0] != len(new) - 1
-                    or (len(factors) == 2 and not factors[0][1] <= min(_MAX_PARTS, factors[1][1] - 1))):
-                return False
+        factors = [(i, s) for i, s in enumerate(new) if i > 0 and s != 1]
+        # a pooled [B, C, 1, 1] viewed as [B, cardinality, radix, n] (ResNeSt's radix softmax), the
+        # channels last (not a conv attention's [B, heads, dims, H * W] at 1 x 1)
+        if (len(shape) == 4 and cdim == 1 and shape[2:] == (1, 1) and len(new) == 4 and new[0] == shape[0]
+                and factors and math.prod(s for _, s in factors) == c.size and len(factors) <= 2
+                and factors[-1][0] == len(new) - 1
+                and (len(factors) == 1 or factors[0][1] <= min(_MAX_PARTS, factors[1][1] - 1))):
             if len(factors) == 2:
                 (_, k), (at, n) = factors
                 parts = [self.subrange(c, i * n, (i + 1) * n, at) for i in range(k)]
