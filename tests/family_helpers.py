@@ -110,7 +110,7 @@ INTEGER_RATIO_ONLY = {
     'poolformer', 'poolformerv2', 'cait', 'beit', 'eva', 'pvt_v2', 'xcit', 'davit'}
 # no k x k stride-1 nn.Conv2d: CBR leaves the model as it is
 NO_CBR_CONV = {'vit', 'deit_distilled', 'mlp_mixer', 'resmlp', 'swin', 'swinv2', 'levit', 'nfnet', 'poolformer',
-               'poolformerv2', 'cait', 'beit', 'eva', 'convit', 'pit', 'vit_relpos', 'swinv2_cr'}
+               'poolformerv2', 'cait', 'beit', 'eva', 'convit', 'pit', 'vit_relpos', 'swinv2_cr', 'gmlp'}
 
 
 def create(arch, kwargs):
