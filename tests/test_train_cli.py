@@ -59,21 +59,28 @@ def load_checkpoint(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def exported_student_top1(run_dir, data_root):
-    """ Top-1 (%) of student.safetensors in a stock timm model, preprocessing from config.json only. """
+def exported_student(run_dir):
+    """ student.safetensors in a stock timm model, and its eval transform from config.json only. """
     with open(run_dir / 'config.json') as f:
         cfg = json.load(f)
     model = timm.create_model(cfg['architecture'], **cfg['model_args'])
     model.load_state_dict(safetensors.torch.load_file(run_dir / 'student.safetensors'), strict=True)
-    model.eval()
-    transform = create_transform(**resolve_data_config(pretrained_cfg=cfg['pretrained_cfg']))
-    dataset = FashionMNIST(str(data_root), train=False, transform=transform)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(VAL_LIMIT)), batch_size=32)
+    return model.eval(), create_transform(**resolve_data_config(pretrained_cfg=cfg['pretrained_cfg']))
+
+
+def stock_top1(model, dataset, indices):
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=256)
     correct = 0
     with torch.no_grad():
         for x, y in loader:
             correct += (model(x).argmax(-1) == y).sum().item()
-    return 100. * correct / VAL_LIMIT
+    return 100. * correct / len(indices)
+
+
+def exported_student_top1(run_dir, data_root):
+    """ Top-1 (%) of student.safetensors on the validated test images, preprocessing from config.json only. """
+    model, transform = exported_student(run_dir)
+    return stock_top1(model, FashionMNIST(str(data_root), train=False, transform=transform), range(VAL_LIMIT))
 
 
 def assert_states_equal(a, b, what):
@@ -387,15 +394,6 @@ def test_config_file_sets_defaults(train_module, tmp_path):
 
 # ---------------------------------------------------------------- held-out validation split
 
-def stock_top1(model, dataset, indices):
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=256)
-    correct = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += (model(x).argmax(-1) == y).sum().item()
-    return 100. * correct / len(indices)
-
-
 def test_val_holdout_splits(train_module, fashion_mnist_root):
     """ --val-holdout: training stops before the held-out tail, which validates; the validation
     split becomes the whole test set. """
@@ -426,12 +424,7 @@ def test_val_holdout_run(train_module, fashion_mnist_root, tmp_path):
     columns, rows = read_rows(run_dir)
     assert columns == SUMMARY_COLUMNS
     assert all(row['test_top1'] and row['test_loss'] for row in rows)
-    with open(run_dir / 'config.json') as f:
-        cfg = json.load(f)
-    model = timm.create_model(cfg['architecture'], **cfg['model_args'])
-    model.load_state_dict(safetensors.torch.load_file(run_dir / 'student.safetensors'), strict=True)
-    model.eval()
-    transform = create_transform(**resolve_data_config(pretrained_cfg=cfg['pretrained_cfg']))
+    model, transform = exported_student(run_dir)
     train_split = FashionMNIST(str(fashion_mnist_root), train=True, transform=transform)
     test_split = FashionMNIST(str(fashion_mnist_root), train=False, transform=transform)
     last = rows[-1]
