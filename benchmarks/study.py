@@ -32,6 +32,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -308,12 +309,12 @@ def finalize(run: Run, out_dir: Path, planner: Planner, commit: bool):
     """ A finished run: checkpoints pruned (the student stays: teachers and fine-tune starts are
     read by later runs), study.json marked, tables rebuilt and, with --commit, committed. """
     run_dir = planner.runs_dir / run.name
-    for name in ('last.pth', 'model_best.pth'):
-        (run_dir / name).unlink(missing_ok=True)
+    accuracy.prune_checkpoints(run_dir)
     record_session(run_dir, finished=True)
-    row = read_summary(run_dir / 'summary.csv')[-1]
+    rows = read_summary(run_dir / 'summary.csv')
+    row = rows[-1]
     print(f'{run.name}: finished, val top-1 {row["eval_top1"]:.2f}, test top-1 '
-          f'{row.get("test_top1") or float("nan"):.2f}, {sum(r["epoch_time"] for r in read_summary(run_dir / "summary.csv")) / 60:.1f} min', flush=True)
+          f'{row.get("test_top1") or float("nan"):.2f}, {sum(r["epoch_time"] for r in rows) / 60:.1f} min', flush=True)
     written = collect(out_dir, planner, quiet=True)
     if commit:
         git_commit_paths(committed_files(run_dir) + written, f'study: {run.name} finished (val top-1 {row["eval_top1"]:.2f})')
@@ -352,7 +353,6 @@ def run_study(planner: Planner, out_dir: Path, max_hours: Optional[float], commi
         run = runnable[0]
         state = states[run.name]
         if state == 'stale':
-            import shutil
             shutil.rmtree(runs_dir / run.name)
         print(f'{run.name}: {"resuming" if state == "resume" else "training"} ({len(pending)} left) ...', flush=True)
         if state == 'resume':  # a new run's folder is train.py's to create (an existing one gets a suffix)
