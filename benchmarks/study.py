@@ -327,8 +327,8 @@ def run_study(planner: Planner, out_dir: Path, max_hours: Optional[float], commi
     start = time.time()
     while True:
         todo = [r for r in planner.plan() if isinstance(r, Run)]
-        if only:  # the chosen methods and the runs they read (teacher, fine-tune start)
-            wanted = {r.name for r in todo if r.method in only}
+        if only:  # the chosen methods or runs and the runs they read (teacher, fine-tune start)
+            wanted = {r.name for r in todo if r.method in only or r.name in only}
             wanted |= {n for r in todo if r.name in wanted for n in r.needs}
             todo = [r for r in todo if r.name in wanted]
         states = {r.name: state_of(r, runs_dir) for r in todo}
@@ -638,8 +638,9 @@ def parse_args(argv=None):
     p.add_argument('--output', type=Path, help='default: benchmarks/results/<config name without .yaml>')
     p.add_argument('--data-dir', type=Path, default=REPO_ROOT / 'data',
                    help='Fashion-MNIST root (laid out from the Debian package when missing)')
-    p.add_argument('--only', nargs='+', metavar='METHOD',
-                   help='run only these methods (and the runs they read: static teacher, fine-tune start)')
+    p.add_argument('--only', nargs='+', metavar='METHOD_OR_RUN',
+                   help='run only these methods or run names (and the runs they read: static teacher, '
+                        'fine-tune start)')
     p.add_argument('--max-hours', type=float, help='start no new run after this many hours')
     p.add_argument('--commit', action='store_true',
                    help="git-commit each finished run's summary, arguments and the rebuilt tables")
