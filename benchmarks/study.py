@@ -1,15 +1,17 @@
 """Does GPD train better students? A converged, controlled study on the full Fashion-MNIST.
 
 Drives train.py (one subprocess per run, each resumable) through the study described by
-benchmarks/configs/study_fmnist.yaml, in this order:
+benchmarks/configs/study_fmnist.yaml, stage by stage (`stages`: the study's main questions first,
+so that it can stop after any stage; without it, one stage of everything). In each stage:
 
-  1. static teachers, trained once on the same split
+  1. the static teachers its methods read, trained once on the same split
   2. the lr sweep: every swept method at every lr of the grid, seed 0; each method's lr is the
      one with the best final *validation* top-1 (a choice at the grid's edge adds the next value
      beyond it, once)
-  3. seeds: every method at its chosen lr, seed by seed; methods whose lr follows another's
-     choice (`derived`: GPD without CBR, the decoupled student, the r**2-lr baseline) and the
-     fine-tune pair (from the converged baseline of the same seed) join here
+  3. seeds: every method at its chosen lr, seed by seed, up to the stage's cap; methods whose lr
+     follows another's choice (`derived`: GPD + DKD, GPD without CBR, the decoupled student, the
+     r**2-lr baseline) and the fine-tune pair (from the converged baseline of the same seed) join
+     here
 
 Validation is the held-out tail of the training split (train.py --val-holdout); the test split is
 evaluated every epoch and never read by any choice. Then it collects every finished run into
@@ -162,30 +164,55 @@ class Planner:
     def chosen_lr(self, student: str, method: str) -> Optional[float]:
         return self.sweep(student, method)[1]
 
+    def stages(self) -> List[dict]:
+        """ The order runs are taken in: `stages` in the study YAML, each {methods, optional
+        students, optional seeds cap}; without it one stage of everything. Every (student, method)
+        must be in a stage: a study that silently skips a method would report without it. """
+        study = self.study
+        stages = study.get('stages') or [{'methods': sorted({m for s in study['students'].values()
+                                                             for m in s['methods']})}]
+        covered = set()
+        for i, stage in enumerate(stages):
+            for student in stage.get('students', study['students']):
+                if student not in study['students']:
+                    raise ValueError(f'stage {i + 1}: student {student!r} is not in the study')
+                known = study['students'][student]['methods']
+                for method in stage['methods']:
+                    if method in known:
+                        covered.add((student, method))
+            unknown = [m for m in stage['methods'] if not any(m in s['methods'] for s in study['students'].values())]
+            if unknown:
+                raise ValueError(f'stage {i + 1}: {", ".join(unknown)} not a method of any student')
+        missing = [f'{st}:{m}' for st, spec in study['students'].items() for m in spec['methods']
+                   if (st, m) not in covered]
+        if missing:
+            raise ValueError(f'in no stage: {", ".join(missing)}')
+        return stages
+
     def plan(self) -> List[object]:
-        """ Every run in order, or a Blocked entry for runs whose lr is not chosen yet. """
+        """ Every run in order, or a Blocked entry for runs whose lr is not chosen yet: stage by
+        stage, the stage's static teachers, its sweeps, then its seeds. """
         plan: List[object] = []
         study = self.study
-        teachers = []
-        for student, spec in study['students'].items():
-            if any(settings_of(m).get('train', {}).get('teacher') for m in spec['methods']):
-                if spec['teacher'] not in teachers:
-                    teachers.append(spec['teacher'])
-        plan += [self.teacher_run(arch) for arch in teachers]
-        chosen = {}
-        for student in study['students']:
-            for method in swept(study, student):
-                runs, lr = self.sweep(student, method)
-                plan += runs
-                chosen[(student, method)] = lr
-        max_seeds = max(study['seeds'], study['headline_seeds'])
-        for seed in range(max_seeds):
-            for student, spec in study['students'].items():
-                for method in spec['methods']:
-                    if seed >= seeds_of(study, method):
-                        continue
-                    plan.append(self.seed_run(student, method, seed, chosen))
-        # a seed-0 run of a swept method is its sweep run: listed once
+        chosen = {(student, method): self.chosen_lr(student, method)
+                  for student in study['students'] for method in swept(study, student)}
+        for stage in self.stages():
+            members = [(student, method) for student in stage.get('students', study['students'])
+                       for method in study['students'][student]['methods'] if method in stage['methods']]
+            for student, method in members:
+                if settings_of(method).get('train', {}).get('teacher'):
+                    plan.append(self.teacher_run(study['students'][student]['teacher']))
+            for student, method in members:
+                if method in swept(study, student):
+                    plan += self.sweep(student, method)[0]
+            cap = stage.get('seeds', max(study['seeds'], study['headline_seeds']))
+            for seed in range(cap):
+                for student, method in members:
+                    if seed == 0 and method in swept(study, student):
+                        continue  # its sweep run at the chosen lr
+                    if seed < seeds_of(study, method):
+                        plan.append(self.seed_run(student, method, seed, chosen))
+        # a teacher serves every stage, a later stage repeats an earlier one's seeds: listed once
         seen, ordered = set(), []
         for item in plan:
             if item.name not in seen:
@@ -621,15 +648,47 @@ def collect(out_dir: Path, planner: Planner, quiet: bool = False) -> List[Path]:
 
 # ---------------------------------------------------------------- CLI
 
+def epoch_minutes(planner: Planner, results: List[Result]) -> Dict[Tuple[str, str], float]:
+    """ (student, method) -> minutes per epoch: the median of its finished runs, else the study
+    YAML's `epoch_minutes` estimate. """
+    out = {(st, m): float(v) for st, table in planner.study.get('epoch_minutes', {}).items()
+           for m, v in table.items()}
+    per: Dict[Tuple[str, str], List[float]] = {}
+    for r in results:
+        per.setdefault((r.run.regime, r.run.method), []).append(r.minutes / r.run.epochs)
+    out.update({key: statistics.median(v) for key, v in per.items()})
+    return out
+
+
 def print_plan(planner: Planner):
+    """ Every run's state and command, with the minutes it should take and the hours left. """
+    costs = epoch_minutes(planner, finished_results(planner))
+    left, unknown = 0.0, 0
     for item in planner.plan():
         if isinstance(item, Blocked):
-            print(f'# {item.name}: blocked, {item.reason}')
-            continue
-        state = state_of(item, planner.runs_dir)
-        print(f'# {item.name}: {state}')
+            student, method = item.name.split('-')[:2]
+            guess = costs.get((student, method))
+            epochs = (planner.study['finetune']['epochs'] if method in FINETUNES
+                      else planner.study['train']['epochs'])
+            minutes = None if guess is None else guess * epochs
+            state, command = f'blocked, {item.reason}', None
+        else:
+            state = state_of(item, planner.runs_dir)
+            guess = costs.get((item.regime, item.method))
+            minutes = None if guess is None else guess * item.epochs
+            command = None if state == 'finished' else accuracy.command(item, planner.runs_dir,
+                                                                        resume=state == 'resume')
         if state != 'finished':
-            print('  ' + ' '.join(accuracy.command(item, planner.runs_dir, resume=state == 'resume')[1:]))
+            if minutes is None:
+                unknown += 1
+            else:
+                left += minutes
+        cost = '' if minutes is None or state == 'finished' else f' (~{minutes:.0f} min, ~{left / 60:.1f} h to here)'
+        print(f'# {item.name}: {state}{cost}')
+        if command:
+            print('  ' + ' '.join(command[1:]))
+    print(f'# left: ~{left / 60:.1f} h of runs with an estimate'
+          + (f', {unknown} run(s) without one' if unknown else ''))
 
 
 def parse_args(argv=None):

@@ -183,3 +183,47 @@ def test_a_run_finished_without_its_driver_is_collected_not_retrained(study, tmp
     assert study.read_info(runs_dir / base.name)['finished'] is True
     assert not (runs_dir / base.name / 'last.pth').exists() and (out / 'runs.csv').exists()
     assert study.state_of(base, runs_dir) == 'finished'
+
+
+def test_stages_order_the_plan_and_must_cover_every_method(study, tmp_path):
+    """ `stages`: the headline pair's sweeps and seeds come before the static teacher's methods,
+    a later stage adds seeds up to the full count; a method left out of every stage is refused. """
+    cfg = dict(STUDY, stages=[dict(methods=['baseline', 'gpd_scratch'], seeds=2),
+                              dict(methods=['dkd', 'gpd_nocbr', 'baseline_r2lr', 'finetune_plain'], seeds=2),
+                              dict(methods=['baseline'])])
+    runs_dir = tmp_path / 'runs'
+    planner = study.Planner(cfg, runs_dir, tmp_path / 'data')
+    names = list(planned(planner))
+    assert names[:6] == [f'resnet18-{m}-lr{lr:g}-s0' for m in ('baseline', 'gpd_scratch') for lr in (0.025, 0.05, 0.1)]
+    assert names.index('teacher-resnet34') == 6  # the first stage needs no static teacher
+    runs = planned(planner)
+    for method, best in (('baseline', 0.05), ('gpd_scratch', 0.05)):
+        for lr in (0.025, 0.05, 0.1):
+            finish(runs_dir / f'resnet18-{method}-lr{lr:g}-s0', runs[f'resnet18-{method}-lr{lr:g}-s0'],
+                   90.0 if lr == best else 80.0)
+    names = list(planned(planner))
+    # stage 1's seeds stop at its cap; the headline baseline's third seed waits for the last stage
+    assert names.index('resnet18-gpd_scratch-lr0.05-s1') < names.index('teacher-resnet34')
+    assert names.index('resnet18-gpd_nocbr-lr0.05-s1') < names.index('resnet18-baseline-lr0.05-s2') == len(names) - 1
+    with pytest.raises(ValueError, match='in no stage: resnet18:finetune_plain'):
+        study.Planner(dict(cfg, stages=cfg['stages'][:1] + [dict(methods=['dkd', 'gpd_nocbr', 'baseline_r2lr'])]),
+                      runs_dir, tmp_path / 'data').plan()
+    with pytest.raises(ValueError, match='kd not a method'):
+        study.Planner(dict(cfg, stages=cfg['stages'] + [dict(methods=['kd'])]), runs_dir, tmp_path / 'data').plan()
+
+
+def test_dry_run_estimates_the_hours_left_from_finished_runs(study, tmp_path, capsys):
+    cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline', 'gpd_scratch'])},
+               lrs=[0.05, 0.1], extend_edges=False, seeds=2, headline=[],
+               epoch_minutes={'resnet18': {'gpd_scratch': 10.0}})
+    runs_dir = tmp_path / 'runs'
+    planner = study.Planner(cfg, runs_dir, tmp_path / 'data')
+    finish(runs_dir / 'resnet18-baseline-lr0.05-s0', planned(planner)['resnet18-baseline-lr0.05-s0'], 80)
+    study.print_plan(planner)
+    out = capsys.readouterr().out
+    # the finished baseline took 1 min per epoch (finish() writes 60 s epochs): 2 min per run
+    assert '# resnet18-baseline-lr0.05-s0: finished\n' in out
+    assert '# resnet18-baseline-lr0.1-s0: new (~2 min, ~0.0 h to here)' in out
+    assert '# resnet18-gpd_scratch-lr0.1-s0: new (~20 min, ~0.7 h to here)' in out
+    assert '# resnet18-baseline-s1: blocked, waits for its sweep (~2 min' in out
+    assert out.rstrip().endswith('# left: ~1.1 h of runs with an estimate')  # 2 + 20 x 2 + 2 + 20 min
