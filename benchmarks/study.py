@@ -504,9 +504,17 @@ def fmt_ci(row: dict) -> str:
 
 
 def last_fifth_gain(values: List[float]) -> Optional[float]:
-    """ Gain of a curve over the last fifth of its epochs (at least one epoch). """
-    k = max(1, round(len(values) / 5))
-    return values[-1] - values[-1 - k] if len(values) > k else None
+    """ Gain of a per-epoch curve over the last fifth of training: values[i] is measured after
+    i + 1 epochs, the value at 4/5 of the epochs interpolated linearly between its neighbours. """
+    n = len(values)
+    if n < 2:
+        return None
+    at = 0.8 * n - 1  # position of 4/5 of training in the values' index
+    if at < 0:
+        return None
+    low = int(at)
+    start = values[low] + (at - low) * (values[min(low + 1, n - 1)] - values[low])
+    return values[-1] - start
 
 
 def study_markdown(planner: Planner, results: List[Result]) -> str:

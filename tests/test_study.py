@@ -227,3 +227,10 @@ def test_dry_run_estimates_the_hours_left_from_finished_runs(study, tmp_path, ca
     assert '# resnet18-gpd_scratch-lr0.1-s0: new (~20 min, ~0.7 h to here)' in out
     assert '# resnet18-baseline-s1: blocked, waits for its sweep (~2 min' in out
     assert out.rstrip().endswith('# left: ~1.1 h of runs with an estimate')  # 2 + 20 x 2 + 2 + 20 min
+
+
+def test_last_fifth_gain_interpolates_at_four_fifths_of_training(study):
+    assert study.last_fifth_gain([80, 85, 87, 88, 88.42]) == pytest.approx(0.42)  # after epoch 4 of 5
+    # 8 epochs: from 6.4 epochs of training, 40 % of the way from the 6th epoch's value to the 7th's
+    assert study.last_fifth_gain([70, 80, 85, 86, 87, 88, 89, 89.5]) == pytest.approx(89.5 - 88.4)
+    assert study.last_fifth_gain([80]) is None
