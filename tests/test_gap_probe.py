@@ -1,0 +1,31 @@
+""" benchmarks/gap_probe.py: the student's and the DT's gradients on the shared weights. """
+import json
+
+import pytest
+
+
+@pytest.fixture(scope='module')
+def gap_probe(load_script):
+    return load_script('benchmarks/gap_probe.py', 'gap_probe')
+
+
+def probe_lines(gap_probe, root, out, *extra):
+    assert gap_probe.main(['--model', 'test_resnet', '--data-dir', str(root), '--batch-size', '8', '--steps', '2',
+                           '--every', '2', '--probe-batches', '1', '--threads', '1', '--results-file', str(out),
+                           *extra]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_probe_measures_how_hard_sharing_scales_the_students_gradient(gap_probe, fashion_mnist_root, tmp_path):
+    published = probe_lines(gap_probe, fashion_mnist_root, tmp_path / 'published.jsonl')
+    decoupled = probe_lines(gap_probe, fashion_mnist_root, tmp_path / 'decoupled.jsonl', '--decouple-student')
+    assert [r['step'] for r in published] == [0, 2]
+    first, first_dec = published[0], decoupled[0]
+    # at construction the DT computes the student's function: the two losses pull the shared
+    # weights the same way, and the DT term (KL to an identical DT) is zero
+    assert first['cos'] > 0.9 and first['dt_loss'] == pytest.approx(first['s_loss'], rel=1e-4)
+    # the student's gradient reaches the DT's primary block ratio (unscaled views) to ratio**2
+    # (scaled views) times the DT's own; decoupling divides the scaled ones by ratio**2
+    assert 2.0 * 0.9 < first['s_dt_norm'] < 4.0 * 1.1
+    assert first_dec['s_dt_norm'] < first['s_dt_norm'] / 1.5
+    assert 0 < first['primary_fraction'] < 0.5  # the DT's primary block: about 1 / ratio**2 of it
