@@ -12,7 +12,7 @@ averaged over --probe-batches training batches, this prints:
                 brings (-1: the student's part undoes the DT's progress; > 0: it helps)
   DT->S         <g_DT, g_S> / ||g_S||^2: the same for the student's loss and the DT's part of a step
   clip          the factor clipping applies to the whole step (1: no clipping)
-  DT / S loss and top-1 on the probe batches
+  DT / S loss, the student's CE (its loss without the DT term) and top-1 on the probe batches
 
     python benchmarks/gap_probe.py --steps 400 --every 50                  # the published method
     python benchmarks/gap_probe.py --steps 400 --every 50 --decouple-student
@@ -56,7 +56,7 @@ def probe(task: TrainTask, model: GPDModel, batches, clip: float) -> dict:
     """ The gradients of the student's and the DT's losses, separately, on the same batches. """
     params = [p for p in model.parameters() if p.requires_grad]
     g_s = g_dt = None
-    stats = dict(dt_loss=0.0, s_loss=0.0, dt_top1=0.0, s_top1=0.0)
+    stats = dict(dt_loss=0.0, s_loss=0.0, s_ce=0.0, dt_top1=0.0, s_top1=0.0)
     model.train()
     for x, y in batches:
         parts = task.losses(x, y)
@@ -70,6 +70,7 @@ def probe(task: TrainTask, model: GPDModel, batches, clip: float) -> dict:
             zs, zd = model(x, mode='both')
         stats['dt_loss'] += dt.item()
         stats['s_loss'] += student.item()
+        stats['s_ce'] += parts['student_ce'].item()
         stats['dt_top1'] += (zd.argmax(1) == y).float().mean().item() * 100
         stats['s_top1'] += (zs.argmax(1) == y).float().mean().item() * 100
     n = len(batches)
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     warmup = min(args.steps, 100)  # train.py warms up over its first epoch; 100 steps here
 
     head = (f'{"step":>5} {"S/DT norm":>9} {"cos":>6} {"interf.":>8} {"DT->S":>6} {"clip":>5} {"DT loss":>8} '
-            f'{"S loss":>7} {"DT top1":>8} {"S top1":>7}')
+            f'{"S loss":>7} {"S CE":>6} {"DT top1":>8} {"S top1":>7}')
     print(f'{args.model} ratio {args.gpd_ratio} lr {args.lr} batch {args.batch_size} '
           f'{"decoupled student" if args.decouple_student else "published method"}\n{head}', flush=True)
     start = time.time()
@@ -130,8 +131,10 @@ def main(argv=None) -> int:
         if step % args.every == 0:
             batches = [next(data) for _ in range(args.probe_batches)]
             s = probe(task, model, batches, args.clip_grad)
-            print(f'{step:>5} {s["s_dt_norm"]:>9.2f} {s["cos"]:>6.2f} {s["interference"]:>8.2f} {s["dt_on_student"]:>6.2f} {s["clip"]:>5.2f} '
-                  f'{s["dt_loss"]:>8.3f} {s["s_loss"]:>7.3f} {s["dt_top1"]:>8.1f} {s["s_top1"]:>7.1f}', flush=True)
+            columns = [(s['s_dt_norm'], 9, 2), (s['cos'], 6, 2), (s['interference'], 8, 2),
+                       (s['dt_on_student'], 6, 2), (s['clip'], 5, 2), (s['dt_loss'], 8, 3), (s['s_loss'], 7, 3),
+                       (s['s_ce'], 6, 3), (s['dt_top1'], 8, 1), (s['s_top1'], 7, 1)]
+            print(f'{step:>5} ' + ' '.join(f'{v:>{w}.{d}f}' for v, w, d in columns), flush=True)
             if args.results_file:
                 with open(args.results_file, 'a') as f:
                     f.write(json.dumps(dict(step=step, lr=args.lr, decoupled=args.decouple_student,
