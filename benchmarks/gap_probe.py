@@ -16,6 +16,7 @@ averaged over --probe-batches training batches, this prints:
 
     python benchmarks/gap_probe.py --steps 400 --every 50                  # the published method
     python benchmarks/gap_probe.py --steps 400 --every 50 --decouple-student
+    python benchmarks/gap_probe.py --checkpoint RUN/last.pth --steps 0     # a train.py GPD checkpoint
 """
 import argparse
 import json
@@ -31,6 +32,7 @@ from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 import timm_gpd  # noqa: E402,F401
+from timm_gpd.checkpoint import CheckpointError, build_model, load_checkpoint  # noqa: E402
 from timm_gpd.losses import DynamicTeacherKD  # noqa: E402
 from timm_gpd.reparam import GPDModel  # noqa: E402
 from timm_gpd.task import TrainTask  # noqa: E402
@@ -93,6 +95,9 @@ def probe(task: TrainTask, model: GPDModel, batches, clip: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='resnet18')
+    p.add_argument('--checkpoint', type=Path,
+                   help="start from a train.py GPD checkpoint (its DT and student; the optimizer starts afresh: "
+                        "momentum is not carried over) instead of a new --model")
     p.add_argument('--data-dir', type=Path, default=Path(__file__).resolve().parents[1] / 'data')
     p.add_argument('--img-size', type=int, default=32)
     p.add_argument('--batch-size', type=int, default=128)
@@ -114,8 +119,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    student = timm.create_model(args.model, num_classes=10, in_chans=1)
-    model = GPDModel(student, ratio=args.gpd_ratio, seed=args.seed, decouple_student=args.decouple_student)
+    if args.checkpoint:
+        checkpoint = load_checkpoint(args.checkpoint)
+        if checkpoint.get('gpd') is None or checkpoint['gpd'].get('cbr_only'):
+            raise CheckpointError(f'{args.checkpoint} is not a GPD checkpoint with a dynamic teacher (train.py --gpd)')
+        model = build_model(checkpoint, source=str(args.checkpoint))
+        model.decouple_student = args.decouple_student
+        args.model, args.gpd_ratio = checkpoint['arch'], model.ratio
+        args.img_size = checkpoint.get('img_size') or args.img_size
+    else:
+        student = timm.create_model(args.model, num_classes=10, in_chans=1)
+        model = GPDModel(student, ratio=args.gpd_ratio, seed=args.seed, decouple_student=args.decouple_student)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     task = TrainTask(model, opt, LabelSmoothingCrossEntropy(0.1), dynamic_teacher=True,
                      dt_loss=DynamicTeacherKD(args.gpd_dt_weight), clip_grad=args.clip_grad)
@@ -125,6 +139,7 @@ def main(argv=None) -> int:
     head = (f'{"step":>5} {"S/DT norm":>9} {"cos":>6} {"interf.":>8} {"DT->S":>6} {"clip":>5} {"DT loss":>8} '
             f'{"S loss":>7} {"S CE":>6} {"DT top1":>8} {"S top1":>7}')
     print(f'{args.model} ratio {args.gpd_ratio} lr {args.lr} batch {args.batch_size} '
+          f'{"from " + str(args.checkpoint) + " " if args.checkpoint else ""}'
           f'{"decoupled student" if args.decouple_student else "published method"}\n{head}', flush=True)
     start = time.time()
     for step in range(args.steps + 1):

@@ -29,3 +29,29 @@ def test_probe_measures_how_hard_sharing_scales_the_students_gradient(gap_probe,
     assert 2.0 * 0.9 < first['s_dt_norm'] < 4.0 * 1.1
     assert first_dec['s_dt_norm'] < first['s_dt_norm'] / 1.5
     assert 0 < first['primary_fraction'] < 0.5  # the DT's primary block: about 1 / ratio**2 of it
+
+
+def test_probe_starts_from_a_train_py_gpd_checkpoint(gap_probe, fashion_mnist_root, tmp_path):
+    import timm
+    import torch
+    from hub_helpers import write_run
+    from timm_gpd.checkpoint import CheckpointError
+    from timm_gpd.reparam import GPDModel
+
+    torch.manual_seed(0)
+    model = GPDModel(timm.create_model('test_resnet', num_classes=10, in_chans=1), ratio=2.0, seed=0)
+    with torch.no_grad():  # a trained DT no longer computes its student's function
+        for p in model.teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    args = dict(num_classes=10, in_chans=1, img_size=32)
+    last = write_run(tmp_path / 'run', model, 'test_resnet', gpd=dict(ratio=2.0, cbr=True, seed=0), args=args)
+    out = tmp_path / 'probe.jsonl'
+    assert gap_probe.main(['--checkpoint', str(last), '--data-dir', str(fashion_mnist_root), '--batch-size', '8',
+                           '--steps', '0', '--probe-batches', '1', '--threads', '1', '--results-file', str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row['model'] == 'test_resnet' and row['dt_loss'] != pytest.approx(row['s_ce'], rel=1e-3)
+
+    plain = tmp_path / 'plain'
+    stock = write_run(plain, timm.create_model('test_resnet', num_classes=10, in_chans=1), 'test_resnet', args=args)
+    with pytest.raises(CheckpointError, match='not a GPD checkpoint'):
+        gap_probe.main(['--checkpoint', str(stock), '--data-dir', str(fashion_mnist_root), '--steps', '0'])
