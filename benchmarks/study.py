@@ -462,11 +462,16 @@ def runs_rows(planner: Planner, results: List[Result]) -> List[dict]:
             teacher=a.get('teacher') or '', seed=r.run.seed, lr=f"{a['lr']:g}", wd=f"{a['weight_decay']:g}",
             epochs=r.run.epochs,
             images=images, val_top1=f['eval_top1'], test_top1=f.get('test_top1'),
+            val_gain_last_fifth=_round(last_fifth_gain(r.column('eval_top1'))),
             dt_test_top1=f.get('test_dt_top1') if f.get('test_dt_top1') is not None else '',
             wall_minutes=round(r.minutes, 2), processor='; '.join(r.info.get('processors', [])),
             git_commit='; '.join(r.info.get('commits', [])), run=r.run.name,
         ))
     return rows
+
+
+def _round(value: Optional[float], digits: int = 4):
+    return '' if value is None else round(value, digits)
 
 
 def ci95(diffs: Sequence[float]) -> Tuple[float, float, float]:
@@ -560,12 +565,11 @@ def study_markdown(planner: Planner, results: List[Result]) -> str:
                   '| student | claim | difference [95 % CI] | positive | per seed |', '|---|---|---|---|---|']
         lines += [f"| {c['student']} | {c['claim']} (`{c['first']}` - `{c['second']}`) | {fmt_ci(c)} "
                   f"| {c['positive']}/{c['seeds']} | {c['per_seed']} |" for c in comps]
-    lines += ['', '## Convergence (validation top-1 gained over the last fifth of training)', '']
-    for (student, method), members in chosen.items():
-        gains = [last_fifth_gain([v for v in r.column('eval_top1')]) for r in members]
-        gains = [g for g in gains if g is not None]
-        if gains:
-            lines.append(f'- {student} {method}: ' + ' '.join(f'{g:+.2f}' for g in gains))
+    lines += ['', '## Convergence (validation top-1 gained over the last fifth of training, every run)', '']
+    for r in results:
+        gain = last_fifth_gain(r.column('eval_top1'))
+        if gain is not None:
+            lines.append(f'- {r.run.name}: {gain:+.2f} ({r.run.epochs} epochs)')
     gap_lines = []
     for (student, method), members in chosen.items():
         gaps = [r.column('test_gap_top1') for r in members]

@@ -112,6 +112,7 @@ def test_collect_writes_runs_csv_and_paired_confidence_intervals(study, tmp_path
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
     assert {'method', 'student', 'teacher', 'seed', 'lr', 'wd', 'epochs', 'images', 'val_top1', 'test_top1',
+            'val_gain_last_fifth',
             'dt_test_top1', 'wall_minutes', 'processor', 'git_commit'} <= set(rows[0])
     assert {r['images'] for r in rows} == {'55000'} and {float(r['wall_minutes']) for r in rows} == {2.0}
     (comp,) = study.comparisons(planner, study.finished_results(planner))
@@ -122,6 +123,9 @@ def test_collect_writes_runs_csv_and_paired_confidence_intervals(study, tmp_path
     text = (out / 'study.md').read_text()
     assert '+2.00 [-0.48, +4.48]' in text and '3/3' in text
     assert '- resnet18 gpd_scratch: +0.00 +0.00' in text  # the gap per epoch, averaged over seeds (-1, +0.5, +0.5)
+    # finish() writes 2 epochs, the first one point below the last: read at 1.6 epochs, +0.4
+    assert '- resnet18-gpd_scratch-lr0.05-s2: +0.40 (2 epochs)' in text
+    assert [float(r['val_gain_last_fifth']) for r in rows] == pytest.approx([0.4] * 6)
 
 
 def test_commit_paths_leaves_others_staged_work_alone(study, tmp_path, monkeypatch):
