@@ -190,34 +190,40 @@ class Planner:
         return stages
 
     def plan(self) -> List[object]:
-        """ Every run in order, or a Blocked entry for runs whose lr is not chosen yet: stage by
-        stage, the stage's static teachers, its sweeps, then its seeds. """
-        plan: List[object] = []
+        """ Every run in order, or a Blocked entry for runs whose lr is not chosen yet. """
+        return [item for _, item in self.staged_plan()]
+
+    def staged_plan(self) -> List[Tuple[int, object]]:
+        """ (stage number from 1, run or Blocked) in order: stage by stage, the stage's static
+        teachers, its sweeps, then its seeds. """
+        plan: List[Tuple[int, object]] = []
         study = self.study
         chosen = {(student, method): self.chosen_lr(student, method)
                   for student in study['students'] for method in swept(study, student)}
-        for stage in self.stages():
+        for number, stage in enumerate(self.stages(), 1):
             members = [(student, method) for student in stage.get('students', study['students'])
                        for method in study['students'][student]['methods'] if method in stage['methods']]
+            items: List[object] = []
             for student, method in members:
                 if settings_of(method).get('train', {}).get('teacher'):
-                    plan.append(self.teacher_run(study['students'][student]['teacher']))
+                    items.append(self.teacher_run(study['students'][student]['teacher']))
             for student, method in members:
                 if method in swept(study, student):
-                    plan += self.sweep(student, method)[0]
+                    items += self.sweep(student, method)[0]
             cap = stage.get('seeds', max(study['seeds'], study['headline_seeds']))
             for seed in range(cap):
                 for student, method in members:
                     if seed == 0 and method in swept(study, student):
                         continue  # its sweep run at the chosen lr
                     if seed < seeds_of(study, method):
-                        plan.append(self.seed_run(student, method, seed, chosen))
+                        items.append(self.seed_run(student, method, seed, chosen))
+            plan += [(number, item) for item in items]
         # a teacher serves every stage, a later stage repeats an earlier one's seeds: listed once
         seen, ordered = set(), []
-        for item in plan:
+        for number, item in plan:
             if item.name not in seen:
                 seen.add(item.name)
-                ordered.append(item)
+                ordered.append((number, item))
         return ordered
 
     def seed_run(self, student: str, method: str, seed: int, chosen: dict):
@@ -673,10 +679,20 @@ def epoch_minutes(planner: Planner, results: List[Result]) -> Dict[Tuple[str, st
 
 
 def print_plan(planner: Planner):
-    """ Every run's state and command, with the minutes it should take and the hours left. """
+    """ Every run's state and command, stage by stage, with the minutes it should take and the
+    hours left. """
     costs = epoch_minutes(planner, finished_results(planner))
-    left, unknown = 0.0, 0
-    for item in planner.plan():
+    left, unknown, current, stage_runs = 0.0, 0, None, 0
+
+    def stage_end():
+        if current is not None:
+            print(f'# -- end of stage {current}: {stage_runs} run(s) left in it, ~{left / 60:.1f} h left to here')
+
+    for number, item in planner.staged_plan():
+        if number != current:
+            stage_end()
+            current, stage_runs = number, 0
+            print(f'# -- stage {number}')
         if isinstance(item, Blocked):
             student, method = item.name.split('-')[:2]
             guess = costs.get((student, method))
@@ -691,6 +707,7 @@ def print_plan(planner: Planner):
             command = None if state == 'finished' else accuracy.command(item, planner.runs_dir,
                                                                         resume=state == 'resume')
         if state != 'finished':
+            stage_runs += 1
             if minutes is None:
                 unknown += 1
             else:
@@ -699,6 +716,7 @@ def print_plan(planner: Planner):
         print(f'# {item.name}: {state}{cost}')
         if command:
             print('  ' + ' '.join(command[1:]))
+    stage_end()
     print(f'# left: ~{left / 60:.1f} h of runs with an estimate'
           + (f', {unknown} run(s) without one' if unknown else ''))
 

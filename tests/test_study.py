@@ -230,6 +230,8 @@ def test_dry_run_estimates_the_hours_left_from_finished_runs(study, tmp_path, ca
     assert '# resnet18-baseline-lr0.1-s0: new (~2 min, ~0.0 h to here)' in out
     assert '# resnet18-gpd_scratch-lr0.1-s0: new (~20 min, ~0.7 h to here)' in out
     assert '# resnet18-baseline-s1: blocked, waits for its sweep (~2 min' in out
+    assert out.startswith('# -- stage 1\n')  # no `stages`: one stage of everything
+    assert '# -- end of stage 1: 5 run(s) left in it, ~1.1 h left to here' in out
     assert out.rstrip().endswith('# left: ~1.1 h of runs with an estimate')  # 2 + 20 x 2 + 2 + 20 min
 
 
