@@ -26,7 +26,8 @@ with 95 % confidence intervals, convergence and DT - student gap) and three plot
 
 Output (default benchmarks/results/study_fmnist/): runs/<name>/ holds train.py's output; the
 summary, arguments and study.json (processors, commits) of finished runs are committed, the
-weights are not (.gitignore).
+weights are not (.gitignore): a finished run keeps final.pth (its last checkpoint without the
+optimizer state, publishable with hfhub.publish) and student.safetensors.
 """
 import argparse
 import csv
@@ -338,10 +339,34 @@ def state_of(run: Run, runs_dir: Path) -> str:
     return 'resume' if (run_dir / 'last.pth').exists() else 'stale'
 
 
+FINAL_CHECKPOINT = 'final.pth'
+RESUME_ONLY_KEYS = ('optimizer', 'scheduler', 'rng', 'amp_scaler', 'loss_scaler')
+
+
+def keep_final_checkpoint(run_dir: Path):
+    """ final.pth: last.pth without what only resuming needs (optimizer, scheduler, RNG states): a
+    GPD run's ~1.6 GB of checkpoints become its DT's ~0.2 GB, and the run stays publishable
+    (``python -m hfhub.publish --checkpoint runs/<run>/final.pth``) and rebuildable by validate.py. """
+    from timm_gpd.checkpoint import CheckpointError, load_checkpoint, save_atomic
+    last = run_dir / 'last.pth'
+    if not last.exists():
+        return
+    try:
+        checkpoint = load_checkpoint(last)
+    except CheckpointError as e:  # the run's results stand; only its weights are lost
+        print(f'{run_dir.name}: no {FINAL_CHECKPOINT} kept: {e}', flush=True)
+        return
+    for key in RESUME_ONLY_KEYS:
+        checkpoint.pop(key, None)
+    save_atomic(checkpoint, run_dir / FINAL_CHECKPOINT)
+
+
 def finalize(run: Run, out_dir: Path, planner: Planner, commit: bool):
-    """ A finished run: checkpoints pruned (the student stays: teachers and fine-tune starts are
-    read by later runs), study.json marked, tables rebuilt and, with --commit, committed. """
+    """ A finished run: its final weights kept (final.pth, and the student: teachers and fine-tune
+    starts are read by later runs), the other checkpoints pruned, study.json marked, tables
+    rebuilt and, with --commit, committed. """
     run_dir = planner.runs_dir / run.name
+    keep_final_checkpoint(run_dir)
     accuracy.prune_checkpoints(run_dir)
     record_session(run_dir, finished=True)
     rows = read_summary(run_dir / 'summary.csv')

@@ -166,7 +166,14 @@ def test_tiny_study_end_to_end(repo_root, fashion_mnist_root, tmp_path):
     assert sorted((r['lr'], r['seed']) for r in rows) in (
         [('0.05', '0'), ('0.05', '1'), ('0.1', '0')], [('0.05', '0'), ('0.1', '0'), ('0.1', '1')])
     assert all(float(r['test_top1']) >= 0 and r['images'] == '64' and r['processor'] for r in rows)
-    assert not list(out.glob('runs/*/last.pth'))  # finished runs keep their student only
+    assert not list(out.glob('runs/*/last.pth'))  # finished runs keep their final weights only
+    finals = sorted(out.glob('runs/*/final.pth'))
+    assert len(finals) == 3
+    from hfhub.publish import export_checkpoint
+    from timm_gpd.checkpoint import load_checkpoint
+    assert 'optimizer' not in load_checkpoint(finals[0])  # what only resuming needs is dropped
+    published = export_checkpoint(finals[0], tmp_path / 'hub', 'org/test_resnet.study')  # still publishable
+    assert (published / 'model.safetensors').exists() and 'test_resnet' in (published / 'README.md').read_text()
     again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and ': training (' not in again.stdout and ': resuming (' not in again.stdout
 
@@ -186,6 +193,7 @@ def test_a_run_finished_without_its_driver_is_collected_not_retrained(study, tmp
     assert study.run_study(planner, out, None, False, None) is False  # the fine-tune cannot start
     assert study.read_info(runs_dir / base.name)['finished'] is True
     assert not (runs_dir / base.name / 'last.pth').exists() and (out / 'runs.csv').exists()
+    assert not (runs_dir / base.name / 'final.pth').exists()  # that last.pth was not a checkpoint
     assert study.state_of(base, runs_dir) == 'finished'
 
 
