@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402  (the run plumbing: argv, resume state, execution)
 from accuracy import REPO_ROOT, CONFIG_DIR, Run, load_yaml, mean_std, pm, read_summary  # noqa: E402
+from timm_gpd.models._builder import HUB_ORG  # noqa: E402  (where the gpd_*.fmnist tags point)
 
 STUDY_CONFIG = CONFIG_DIR / 'study_fmnist.yaml'
 FINETUNES = ('finetune_plain', 'finetune_gpd')
@@ -340,6 +341,7 @@ def state_of(run: Run, runs_dir: Path) -> str:
 
 
 FINAL_CHECKPOINT = 'final.pth'
+CARD_NOTES = 'card_notes.md'  # --card-notes of hfhub.publish for the study's best GPD student
 RESUME_ONLY_KEYS = ('optimizer', 'scheduler', 'rng', 'amp_scaler', 'loss_scaler')
 
 
@@ -580,22 +582,15 @@ def study_markdown(planner: Planner, results: List[Result]) -> str:
                 text = f'{lr_tag(run.args["lr"])}: ' + ('...' if val is None else f'{val:.2f}')
                 cells.append(f'**{text}**' if lr is not None and run.args['lr'] == lr else text)
             lines.append(f'- {student} {method}: ' + ', '.join(cells))
-    lines += ['', '## Per method, at its chosen lr', '',
-              '| student | method | lr | seeds | val top-1 | test top-1 | DT test top-1 | minutes per run |',
-              '|---|---|---|---|---|---|---|---|']
-    for (student, method), members in chosen.items():
-        val = mean_std([r.final['eval_top1'] for r in members])
-        test = mean_std([r.final['test_top1'] for r in members])
-        dts = [r.final.get('test_dt_top1') for r in members]
-        dt = pm(*mean_std(dts)) if all(d is not None for d in dts) else ''
-        lines.append(f"| {student} | {method} | {lr_tag(members[0].run.args['lr'])} | {len(members)} | {pm(*val)} "
-                     f"| {pm(*test)} | {dt} | {statistics.fmean(r.minutes for r in members):.1f} |")
+    lines += ['', '## Per method, at its chosen lr', ''] + method_table(chosen)
     comps = comparisons(planner, results)
     if comps:
-        lines += ['', '## Paired differences (test top-1, points)', '',
-                  '| student | claim | difference [95 % CI] | positive | per seed |', '|---|---|---|---|---|']
-        lines += [f"| {c['student']} | {c['claim']} (`{c['first']}` - `{c['second']}`) | {fmt_ci(c)} "
-                  f"| {c['positive']}/{c['seeds']} | {c['per_seed']} |" for c in comps]
+        lines += ['', '## Paired differences (test top-1, points)', ''] + comparison_table(comps)
+    best = best_gpd_runs(planner, results)
+    if best:
+        lines += ['', '## Best GPD student per student architecture (by validation top-1)', '']
+        lines += [f"- {r.run.regime}: `{r.run.name}`, val {r.final['eval_top1']:.2f}, test {r.final['test_top1']:.2f}"
+                  f" (publish: {publish_command(planner, r)})" for r in best]
     lines += ['', '## Convergence (validation top-1 gained over the last fifth of training, every run)', '']
     for r in results:
         gain = last_fifth_gain(r.column('eval_top1'))
@@ -609,6 +604,64 @@ def study_markdown(planner: Planner, results: List[Result]) -> str:
             gap_lines.append(f'- {student} {method}: ' + ' '.join(f'{g:+.2f}' for g in mean_gap))
     if gap_lines:
         lines += ['', '## DT - student gap per epoch (test top-1, mean over seeds)', ''] + gap_lines
+    return '\n'.join(lines) + '\n'
+
+
+def method_table(chosen: Dict[Tuple[str, str], List[Result]]) -> List[str]:
+    lines = ['| student | method | lr | seeds | val top-1 | test top-1 | DT test top-1 | minutes per run |',
+             '|---|---|---|---|---|---|---|---|']
+    for (student, method), members in chosen.items():
+        val = mean_std([r.final['eval_top1'] for r in members])
+        test = mean_std([r.final['test_top1'] for r in members])
+        dts = [r.final.get('test_dt_top1') for r in members]
+        dt = pm(*mean_std(dts)) if all(d is not None for d in dts) else ''
+        lines.append(f"| {student} | {method} | {lr_tag(members[0].run.args['lr'])} | {len(members)} | {pm(*val)} "
+                     f"| {pm(*test)} | {dt} | {statistics.fmean(r.minutes for r in members):.1f} |")
+    return lines
+
+
+def comparison_table(comps: List[dict]) -> List[str]:
+    lines = ['| student | claim | difference [95 % CI] | positive | per seed |', '|---|---|---|---|---|']
+    lines += [f"| {c['student']} | {c['claim']} (`{c['first']}` - `{c['second']}`) | {fmt_ci(c)} "
+              f"| {c['positive']}/{c['seeds']} | {c['per_seed']} |" for c in comps]
+    return lines
+
+
+def best_gpd_runs(planner: Planner, results: List[Result]) -> List[Result]:
+    """ Per student, the finished GPD run (any GPD method, any lr or seed) with the best final
+    validation top-1: the one to publish. """
+    best: Dict[str, Result] = {}
+    for r in results:
+        if not r.run.args.get('gpd') or r.run.args.get('gpd_cbr_only'):
+            continue
+        if r.run.regime not in best or r.final['eval_top1'] > best[r.run.regime].final['eval_top1']:
+            best[r.run.regime] = r
+    return list(best.values())
+
+
+def publish_command(planner: Planner, result: Result) -> str:
+    def shown(path: Path) -> Path:
+        try:
+            return path.relative_to(REPO_ROOT)
+        except ValueError:
+            return path
+    final, notes = planner.runs_dir / result.run.name / FINAL_CHECKPOINT, planner.runs_dir.parent / CARD_NOTES
+    return (f'`python -m hfhub.publish --checkpoint {shown(final)} --repo-id {HUB_ORG}/{result.run.regime}.gpd_fmnist '
+            f'--card-notes {shown(notes)} --dry-run DIR`')
+
+
+def card_notes(planner: Planner, results: List[Result]) -> str:
+    """ The model card section of a published study student: the study's tables. """
+    chosen = chosen_runs(planner, results)
+    lines = ['## How it compares: the timm-gpd Fashion-MNIST study', '',
+             'Trained by `benchmarks/study.py` (timm-gpd), which compares GPD with plain training and '
+             'distillation on the full Fashion-MNIST at equal length, every method at its own lr chosen on '
+             f"the last {planner.study['train'].get('val_holdout', 0):,} training images, reported on the "
+             'test split. Full tables: `benchmarks/results/study_fmnist/study.md` in timm-gpd.', '',
+             '### Per method, at its chosen lr (top-1 %, mean ± std over seeds)', ''] + method_table(chosen)
+    comps = comparisons(planner, results)
+    if comps:
+        lines += ['', '### Paired differences (test top-1, points, 95 % CI)', ''] + comparison_table(comps)
     return '\n'.join(lines) + '\n'
 
 
@@ -683,6 +736,9 @@ def collect(out_dir: Path, planner: Planner, quiet: bool = False) -> List[Path]:
         written.append(out_dir / 'comparisons.csv')
     text = study_markdown(planner, results)
     (out_dir / 'study.md').write_text(text)
+    if best_gpd_runs(planner, results):
+        (out_dir / CARD_NOTES).write_text(card_notes(planner, results))
+        written.append(out_dir / CARD_NOTES)
     written += write_plots(out_dir, planner, results)
     if not quiet:
         print(text)

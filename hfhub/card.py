@@ -178,8 +178,15 @@ def _summary_table(summary: List[Dict[str, Any]]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def render_card(run: RunRecord, repo_id: str, license: str, student_info: Optional[Dict[str, Any]] = None) -> ModelCard:
-    """The model card: metadata (``card_data``), details, usage, exact args, per-epoch summary, citation."""
+def _notes(notes: Optional[str]) -> str:
+    return f'\n{notes.strip()}\n' if notes and notes.strip() else ''
+
+
+def render_card(run: RunRecord, repo_id: str, license: str, student_info: Optional[Dict[str, Any]] = None,
+                notes: Optional[str] = None) -> ModelCard:
+    """The model card: metadata (``card_data``), details, results, ``notes`` (markdown of the
+    publisher's, e.g. how the model compares in a study), usage, exact args, per-epoch summary,
+    citation."""
     student_info = student_info or {}
     name = repo_id.split('/')[-1]
     metrics = {k: v for k, v in epoch_metrics(run).items() if v is not None}
@@ -197,7 +204,7 @@ model: the dynamic teacher and the multi-branch convolutions are merged away.
 
 ## Results (epoch {run.epoch}, from summary.csv)
 {results}
-
+{_notes(notes)}
 ## Model Usage
 ```python
 import timm, torch

@@ -1,7 +1,7 @@
 """Publish the student of a train.py checkpoint to the Hugging Face Hub as a stock timm model.
 
     python -m hfhub.publish --checkpoint output/EXP/last.pth --repo-id ORG/resnet18.gpd_fmnist \\
-        [--private] [--dry-run DIR [--overwrite]]
+        [--private] [--dry-run DIR [--overwrite]] [--card-notes NOTES.md]
 
 Writes model.safetensors + config.json (timm_gpd.checkpoint.export_student, the writer train.py uses
 too) and a model card README.md, then uploads the folder (HfApi.create_repo + upload_folder; token
@@ -68,8 +68,10 @@ def export_checkpoint(
         license: str = 'apache-2.0',
         use_ema: Optional[bool] = None,
         overwrite: bool = False,
+        card_notes: Optional[str] = None,
 ) -> Path:
-    """Write the checkpoint's extracted student and its model card (PUBLISHED_FILES) to `out_dir`.
+    """Write the checkpoint's extracted student and its model card (PUBLISHED_FILES) to `out_dir`;
+    `card_notes` (markdown) becomes a section of the card, after its results.
 
     use_ema=None takes the EMA weights when the checkpoint has them, as train.py does for its
     student.safetensors. Other files in `out_dir` are left alone; PUBLISHED_FILES already there are
@@ -86,7 +88,7 @@ def export_checkpoint(
     run = read_run(Path(checkpoint_path), checkpoint, ema=use_ema)
     data_config = run_data_config(checkpoint, student, run.args)
     label_names = run_label_names(checkpoint, run.checkpoint.parent, run.dataset)
-    card = render_card(run, repo_id, license, _student_info(student, data_config))
+    card = render_card(run, repo_id, license, _student_info(student, data_config), notes=card_notes)
     export_student(student, out_dir, data_config, label_names)
     write_text_atomic(out_dir / 'README.md', str(card))
     return out_dir
@@ -113,17 +115,18 @@ def publish(
         commit_message: str = 'Add timm-gpd student',
         revision: Optional[str] = None,
         overwrite: bool = False,
+        card_notes: Optional[str] = None,
 ):
     """Export, then upload unless `dry_run` (the folder to keep) is given. Returns the folder or the commit."""
     if dry_run is not None:
-        return export_checkpoint(checkpoint_path, dry_run, repo_id, license, use_ema, overwrite)
+        return export_checkpoint(checkpoint_path, dry_run, repo_id, license, use_ema, overwrite, card_notes)
     check_repo_id(repo_id)
     if api is None:
         from huggingface_hub import HfApi
         from timm import __version__ as timm_version
         api = HfApi(library_name='timm', library_version=timm_version)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export_checkpoint(checkpoint_path, tmp, repo_id, license, use_ema)
+        folder = export_checkpoint(checkpoint_path, tmp, repo_id, license, use_ema, card_notes=card_notes)
         return upload_folder(api, folder, repo_id, private, commit_message, revision)
 
 
@@ -136,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--overwrite', action='store_true',
                         help=f'with --dry-run: replace {", ".join(PUBLISHED_FILES)} if DIR already has them')
     parser.add_argument('--license', default='apache-2.0')
+    parser.add_argument('--card-notes', metavar='FILE', default=None,
+                        help="markdown added to the model card after its results (e.g. a study's comparison)")
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument('--ema', dest='use_ema', action='store_true',
                      help='publish the EMA weights (default: EMA when the checkpoint has them)')
@@ -153,10 +158,16 @@ def main(argv=None) -> int:
     if args.overwrite and args.dry_run is None:
         parser.error('--overwrite only applies to --dry-run DIR')
     try:
+        notes = None
+        if args.card_notes is not None:
+            try:
+                notes = Path(args.card_notes).read_text(encoding='utf-8')
+            except (OSError, UnicodeDecodeError) as e:
+                raise PublishError(f'--card-notes {args.card_notes}: cannot read it ({type(e).__name__}: {e})') from e
         result = publish(
             args.checkpoint, args.repo_id, private=args.private, dry_run=args.dry_run, license=args.license,
             use_ema=args.use_ema, commit_message=args.commit_message, revision=args.revision,
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, card_notes=notes)
     except (CheckpointError, PublishError) as e:
         print(f'{parser.prog}: error: {e}', file=sys.stderr)
         return 2

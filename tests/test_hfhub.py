@@ -374,3 +374,18 @@ def test_non_finite_weights_are_never_published(tmp_path, stock_run):
     with pytest.raises(CheckpointError, match='non-finite'):
         publish(tmp_path / 'nan.pth', REPO_ID, dry_run=tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
+
+
+def test_card_notes_become_a_section_after_the_results(stock_run, tmp_path, capsys):
+    notes = tmp_path / 'notes.md'
+    notes.write_text('## How it compares\n\n| method | test top-1 |\n|---|---|\n| GPD | 91.0 |\n')
+    out = tmp_path / 'out'
+    assert publish_main(['--checkpoint', str(stock_run), '--repo-id', REPO_ID, '--dry-run', str(out),
+                         '--card-notes', str(notes)]) == 0
+    _, body = parse_card(out / 'README.md')
+    assert body.index('## Results') < body.index('## How it compares') < body.index('## Model Usage')
+    assert '| GPD | 91.0 |' in body
+    capsys.readouterr()
+    assert publish_main(['--checkpoint', str(stock_run), '--repo-id', REPO_ID, '--dry-run', str(tmp_path / 'o2'),
+                         '--card-notes', str(tmp_path / 'missing.md')]) == 2
+    assert '--card-notes' in capsys.readouterr().err and not (tmp_path / 'o2' / 'README.md').exists()

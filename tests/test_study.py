@@ -125,6 +125,11 @@ def test_collect_writes_runs_csv_and_paired_confidence_intervals(study, tmp_path
     assert '- resnet18 gpd_scratch: +0.00 +0.00' in text  # the gap per epoch, averaged over seeds (-1, +0.5, +0.5)
     # finish() writes 2 epochs, the first one point below the last: read at 1.6 epochs, +0.4
     assert '- resnet18-gpd_scratch-lr0.05-s2: +0.40 (2 epochs)' in text
+    # the GPD run to publish: the best validation top-1 (seed 1's 83), with the study's card section
+    assert '- resnet18: `resnet18-gpd_scratch-lr0.05-s1`, val 83.00, test 83.00' in text
+    assert f"--checkpoint {runs_dir / 'resnet18-gpd_scratch-lr0.05-s1' / 'final.pth'}" in text
+    notes = (out / 'card_notes.md').read_text()
+    assert out / 'card_notes.md' in written and '+2.00 [-0.48, +4.48]' in notes and '| resnet18 | gpd_scratch |' in notes
     assert [float(r['val_gain_last_fifth']) for r in rows] == pytest.approx([0.4] * 6)
 
 
