@@ -93,6 +93,14 @@ def probe(task: TrainTask, model: GPDModel, batches, clip: float) -> dict:
 
 
 def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except CheckpointError as e:
+        print(f'gap_probe.py: error: {e}', file=sys.stderr)
+        return 2
+
+
+def run(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='resnet18')
     p.add_argument('--checkpoint', type=Path,
@@ -116,6 +124,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.every < 1 or args.steps < 0 or args.probe_batches < 1:
         p.error('--every and --probe-batches must be >= 1, --steps >= 0')
+    if not (args.data_dir / 'FashionMNIST' / 'raw' / 'train-images-idx3-ubyte').exists():
+        p.error(f'no Fashion-MNIST under --data-dir {args.data_dir} (scripts/get_fashion_mnist.sh lays it out)')
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 

@@ -342,7 +342,7 @@ def state_of(run: Run, runs_dir: Path) -> str:
 
 FINAL_CHECKPOINT = 'final.pth'
 CARD_NOTES = 'card_notes.md'  # --card-notes of hfhub.publish for the study's best GPD student
-RESUME_ONLY_KEYS = ('optimizer', 'scheduler', 'rng', 'amp_scaler', 'loss_scaler')
+RESUME_ONLY_KEYS = ('optimizer', 'scheduler', 'rng', 'scaler')  # train.py's checkpoint keys only a resume reads
 
 
 def keep_final_checkpoint(run_dir: Path):

@@ -31,11 +31,10 @@ def test_probe_measures_how_hard_sharing_scales_the_students_gradient(gap_probe,
     assert 0 < first['primary_fraction'] < 0.5  # the DT's primary block: about 1 / ratio**2 of it
 
 
-def test_probe_starts_from_a_train_py_gpd_checkpoint(gap_probe, fashion_mnist_root, tmp_path):
+def test_probe_starts_from_a_train_py_gpd_checkpoint(gap_probe, fashion_mnist_root, tmp_path, capsys):
     import timm
     import torch
     from hub_helpers import write_run
-    from timm_gpd.checkpoint import CheckpointError
     from timm_gpd.reparam import GPDModel
 
     torch.manual_seed(0)
@@ -53,5 +52,8 @@ def test_probe_starts_from_a_train_py_gpd_checkpoint(gap_probe, fashion_mnist_ro
 
     plain = tmp_path / 'plain'
     stock = write_run(plain, timm.create_model('test_resnet', num_classes=10, in_chans=1), 'test_resnet', args=args)
-    with pytest.raises(CheckpointError, match='not a GPD checkpoint'):
-        gap_probe.main(['--checkpoint', str(stock), '--data-dir', str(fashion_mnist_root), '--steps', '0'])
+    assert gap_probe.main(['--checkpoint', str(stock), '--data-dir', str(fashion_mnist_root), '--steps', '0']) == 2
+    assert 'not a GPD checkpoint' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gap_probe.main(['--data-dir', str(tmp_path / 'nowhere')])
+    assert 'no Fashion-MNIST under --data-dir' in capsys.readouterr().err
