@@ -784,7 +784,9 @@ def print_plan(planner: Planner):
         else:
             state = state_of(item, planner.runs_dir)
             guess = costs.get((item.regime, item.method))
-            minutes = None if guess is None else guess * item.epochs
+            summary = planner.runs_dir / item.name / 'summary.csv'
+            done = len(read_summary(summary)) if state == 'resume' and summary.exists() else 0
+            minutes = None if guess is None else guess * (item.epochs - done)  # a resumed run: its epochs left
             command = None if state == 'finished' else accuracy.command(item, planner.runs_dir,
                                                                         resume=state == 'resume')
         if state != 'finished':

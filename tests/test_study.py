@@ -236,16 +236,22 @@ def test_dry_run_estimates_the_hours_left_from_finished_runs(study, tmp_path, ca
     runs_dir = tmp_path / 'runs'
     planner = study.Planner(cfg, runs_dir, tmp_path / 'data')
     finish(runs_dir / 'resnet18-baseline-lr0.05-s0', planned(planner)['resnet18-baseline-lr0.05-s0'], 80)
+    gpd = planned(planner)['resnet18-gpd_scratch-lr0.05-s0']  # halfway: 1 of its 2 epochs left
+    finish(runs_dir / gpd.name, gpd, 70)
+    rows = (runs_dir / gpd.name / 'summary.csv').read_text().splitlines()
+    (runs_dir / gpd.name / 'summary.csv').write_text('\n'.join(rows[:2]) + '\n')
+    (runs_dir / gpd.name / 'last.pth').write_bytes(b'x')
     study.print_plan(planner)
     out = capsys.readouterr().out
+    assert '# resnet18-gpd_scratch-lr0.05-s0: resume (~10 min, ~0.2 h to here)' in out
     # the finished baseline took 1 min per epoch (finish() writes 60 s epochs): 2 min per run
     assert '# resnet18-baseline-lr0.05-s0: finished\n' in out
     assert '# resnet18-baseline-lr0.1-s0: new (~2 min, ~0.0 h to here)' in out
-    assert '# resnet18-gpd_scratch-lr0.1-s0: new (~20 min, ~0.7 h to here)' in out
+    assert '# resnet18-gpd_scratch-lr0.1-s0: new (~20 min, ~0.5 h to here)' in out
     assert '# resnet18-baseline-s1: blocked, waits for its sweep (~2 min' in out
     assert out.startswith('# -- stage 1\n')  # no `stages`: one stage of everything
-    assert '# -- end of stage 1: 5 run(s) left in it, ~1.1 h left to here' in out
-    assert out.rstrip().endswith('# left: ~1.1 h of runs with an estimate')  # 2 + 20 x 2 + 2 + 20 min
+    assert '# -- end of stage 1: 5 run(s) left in it, ~0.9 h left to here' in out
+    assert out.rstrip().endswith('# left: ~0.9 h of runs with an estimate')  # 2 + 10 + 20 + 2 + 20 min
 
 
 def test_last_fifth_gain_interpolates_at_four_fifths_of_training(study):
