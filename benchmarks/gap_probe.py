@@ -34,16 +34,14 @@ from torchvision import datasets, transforms  # noqa: E402
 import timm_gpd  # noqa: E402,F401
 from timm_gpd.checkpoint import CheckpointError, build_model, load_checkpoint  # noqa: E402
 from timm_gpd.losses import DynamicTeacherKD  # noqa: E402
+from timm_gpd.models._builder import FMNIST_DATA_CFG  # noqa: E402
 from timm_gpd.reparam import GPDModel  # noqa: E402
 from timm_gpd.task import TrainTask  # noqa: E402
-
-FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-
 
 def loader(data_dir: Path, img_size: int, batch_size: int, seed: int):
     tf = transforms.Compose([
         transforms.RandomResizedCrop(img_size, scale=(0.5, 1.0)), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize([FMNIST_MEAN], [FMNIST_STD])])
+        transforms.ToTensor(), transforms.Normalize(FMNIST_DATA_CFG['mean'], FMNIST_DATA_CFG['std'])])
     ds = datasets.FashionMNIST(str(data_dir), train=True, transform=tf, download=False)
     ds = torch.utils.data.Subset(ds, range(55000))  # the study's training split (the tail validates)
     g = torch.Generator().manual_seed(seed)
@@ -61,15 +59,14 @@ def probe(task: TrainTask, model: GPDModel, batches, clip: float) -> dict:
     stats = dict(dt_loss=0.0, s_loss=0.0, s_ce=0.0, dt_top1=0.0, s_top1=0.0)
     model.train()
     for x, y in batches:
-        parts = task.losses(x, y)
+        zs, zd, teacher = task.logits(x)  # one forward: its logits give the losses and the top-1
+        parts = task.loss_parts(zs, zd, teacher, y)
         student = parts['student_ce'] + parts.get('student_kd', 0) + parts['student_dt']
         dt = parts['dt_ce'] + parts.get('dt_kd', 0)
         gs = flat(torch.autograd.grad(student, params, retain_graph=True, allow_unused=True), params)
         gd = flat(torch.autograd.grad(dt, params, allow_unused=True), params)
         g_s = gs if g_s is None else g_s + gs
         g_dt = gd if g_dt is None else g_dt + gd
-        with torch.no_grad():
-            zs, zd = model(x, mode='both')
         stats['dt_loss'] += dt.item()
         stats['s_loss'] += student.item()
         stats['s_ce'] += parts['student_ce'].item()

@@ -19,7 +19,7 @@ target class, and takes the dominant class of each mixed target (its argmax; see
 No file or console I/O here: the caller logs the returned loss parts.
 """
 from contextlib import nullcontext
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -113,6 +113,10 @@ class TrainTask:
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         """ Forward pass and losses; 'loss' is the total to back-propagate. """
+        return self.loss_parts(*self.logits(x), y)
+
+    def logits(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """ (student, DT, static teacher) logits of one forward; None for a network not trained with. """
         with self._autocast():
             teacher_logits = None
             if self.static_teacher is not None:
@@ -124,7 +128,11 @@ class TrainTask:
                 student_logits, dt_logits = self.model(x, mode='both')
             else:
                 student_logits, dt_logits = self.model(x), None
+        return student_logits, dt_logits, teacher_logits
 
+    def loss_parts(self, student_logits: torch.Tensor, dt_logits: Optional[torch.Tensor],
+                   teacher_logits: Optional[torch.Tensor], y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """ The named losses of ``logits``' output; 'loss' is their sum. """
         parts = {'student_ce': self.criterion(student_logits, y)}
         if teacher_logits is not None:
             parts['student_kd'] = self.kd_loss(student_logits, teacher_logits, y)
