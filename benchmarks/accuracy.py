@@ -221,13 +221,18 @@ def ensure_data(data_dir: Path):
     subprocess.run(['bash', str(REPO_ROOT / 'scripts' / 'get_fashion_mnist.sh'), str(data_dir)], check=True)
 
 
-def execute(run: Run, runs_dir: Path, logs_dir: Path, resume: bool) -> int:
+def launch(run: Run, runs_dir: Path, logs_dir: Path, resume: bool) -> subprocess.Popen:
+    """ train.py for this run in the background, its output appended to logs/<run>.log. """
     logs_dir.mkdir(parents=True, exist_ok=True)
     cmd = command(run, runs_dir, resume)
     with open(logs_dir / f'{run.name}.log', 'a') as log:  # a resumed run appends to its log
         log.write(f'\n$ {shlex.join(cmd)}\n')
         log.flush()
-        return subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def execute(run: Run, runs_dir: Path, logs_dir: Path, resume: bool) -> int:
+    return launch(run, runs_dir, logs_dir, resume).wait()
 
 
 def prune_checkpoints(run_dir: Path):

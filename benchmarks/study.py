@@ -21,6 +21,8 @@ with 95 % confidence intervals, convergence and DT - student gap) and three plot
     python benchmarks/study.py                      # run what is missing, in order (resumable)
     python benchmarks/study.py --max-hours 2        # start no new run after 2 hours
     python benchmarks/study.py --commit             # git-commit each finished run's results
+    python benchmarks/study.py --jobs 6 --finish-within 0.15   # a GPU: 6 runs side by side, only
+                                                    # runs whose estimate ends within 9 minutes
     python benchmarks/study.py --dry-run            # the plan: what is finished, next, blocked
     python benchmarks/study.py --collect-only       # rebuild tables and plots from finished runs
 
@@ -254,11 +256,15 @@ class Planner:
 # ---------------------------------------------------------------- execution
 
 def processor() -> str:
+    """ The GPU that trains the runs where there is one, else the CPU's model name. """
+    import torch
     from timm_gpd.checkpoint import processor_name
-    return processor_name()
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else processor_name()
 
 
 def git_commit() -> str:
+    """ HEAD (+dirty); where git cannot tell (a copy of the tree without its .git, on a remote GPU
+    machine), $GPD_STUDY_COMMIT, the commit that copy was made from. """
     try:
         head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -266,7 +272,7 @@ def git_commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return head + ('+dirty' if dirty else '')
     except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
+        return os.environ.get('GPD_STUDY_COMMIT', 'unknown')
 
 
 def read_info(run_dir: Path) -> dict:
@@ -381,49 +387,98 @@ def finalize(run: Run, out_dir: Path, planner: Planner, commit: bool):
 
 
 def run_study(planner: Planner, out_dir: Path, max_hours: Optional[float], commit: bool,
-              only: Optional[Sequence[str]]) -> bool:
-    """ Run the next runnable unfinished run until none is left (True) or one fails (False). """
+              only: Optional[Sequence[str]], jobs: int = 1, finish_within: Optional[float] = None,
+              poll_seconds: float = 5.0) -> bool:
+    """ Train the runnable unfinished runs in plan order, up to `jobs` side by side, until none is
+    left (True) or one fails (False: no new run starts, the running ones finish). `max_hours`: no
+    run starts after it; `finish_within`: a run starts only if its estimate (--dry-run's) ends
+    within that many hours of the start. """
     runs_dir, logs_dir = planner.runs_dir, out_dir / 'logs'
     start = time.time()
+    running: Dict[str, Tuple[Run, subprocess.Popen]] = {}
+    failed = False
     while True:
+        for name, (run, proc) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if (runs_dir / name).is_dir():
+                record_session(runs_dir / name)
+            if proc.returncode != 0 or not completed(runs_dir / name, run.epochs):
+                print(f'{name}: FAILED (exit {proc.returncode}), see {logs_dir / name}.log', flush=True)
+                failed = True
+            else:
+                finalize(run, out_dir, planner, commit)
+        if failed:  # failures are usually systematic: every later run would repeat them
+            if not running:
+                return False
+            time.sleep(poll_seconds)
+            continue
         todo = [r for r in planner.plan() if isinstance(r, Run)]
         if only:  # the chosen methods or runs and the runs they read (teacher, fine-tune start)
             wanted = {r.name for r in todo if r.method in only or r.name in only}
             wanted |= {n for r in todo if r.name in wanted for n in r.needs}
             todo = [r for r in todo if r.name in wanted]
-        states = {r.name: state_of(r, runs_dir) for r in todo}
+        states = {r.name: 'running' if r.name in running else state_of(r, runs_dir) for r in todo}
         for r in todo:  # finished while no driver watched (killed driver, earlier session)
             if states[r.name] == 'finished' and not read_info(runs_dir / r.name).get('finished'):
                 finalize(r, out_dir, planner, commit)
         pending = [r for r in todo if states[r.name] != 'finished']
         missing_weights = {n for r in pending for n in r.needs
                            if states.get(n) == 'finished' and not (runs_dir / n / 'student.safetensors').exists()}
-        runnable = [r for r in pending if all(states.get(n) == 'finished' and n not in missing_weights
-                                              for n in r.needs)]
-        if not runnable:
+        runnable = [r for r in pending if r.name not in running and all(
+            states.get(n) == 'finished' and n not in missing_weights for n in r.needs)]
+        if not runnable and not running:
             if missing_weights:
                 print(f'the weights of {", ".join(sorted(missing_weights))} are not on this machine (only its '
                       'summary is committed): delete its folder under runs/ to train it again', flush=True)
             if pending:
                 print(f'{len(pending)} run(s) left, none runnable: {", ".join(r.name for r in pending[:5])}')
             return not pending
-        if max_hours is not None and time.time() - start > max_hours * 3600:
-            print(f'--max-hours {max_hours} reached: {len(pending)} run(s) left, the same command continues')
-            return True
-        run = runnable[0]
-        state = states[run.name]
-        if state == 'stale':
-            shutil.rmtree(runs_dir / run.name)
-        print(f'{run.name}: {"resuming" if state == "resume" else "training"} ({len(pending)} left) ...', flush=True)
-        if state == 'resume':  # a new run's folder is train.py's to create (an existing one gets a suffix)
-            record_session(runs_dir / run.name)
-        rc = accuracy.execute(run, runs_dir, logs_dir, resume=state == 'resume')
-        if (runs_dir / run.name).is_dir():
-            record_session(runs_dir / run.name)
-        if rc != 0 or not completed(runs_dir / run.name, run.epochs):
-            print(f'{run.name}: FAILED (exit {rc}), see {logs_dir / run.name}.log', flush=True)
-            return False
-        finalize(run, out_dir, planner, commit)
+        hours = (time.time() - start) / 3600
+        if max_hours is not None and hours > max_hours:
+            runnable = []
+            if not running:
+                print(f'--max-hours {max_hours} reached: {len(pending)} run(s) left, the same command continues')
+                return True
+        if finish_within is not None:
+            runnable = fitting(planner, runnable, states, finish_within - hours)
+            if not runnable and not running:
+                print(f'--finish-within {finish_within}: no run left fits ({len(pending)} left), '
+                      'the same command continues')
+                return True
+        for run in runnable[:max(0, jobs - len(running))]:
+            state = states[run.name]
+            if state == 'stale':
+                shutil.rmtree(runs_dir / run.name)
+            print(f'{run.name}: {"resuming" if state == "resume" else "training"} ({len(pending)} left) ...',
+                  flush=True)
+            if state == 'resume':  # a new run's folder is train.py's to create (an existing one gets a suffix)
+                record_session(runs_dir / run.name)
+            running[run.name] = (run, accuracy.launch(run, runs_dir, logs_dir, resume=state == 'resume'))
+        time.sleep(poll_seconds if running else 0)
+
+
+def run_minutes(planner: Planner, run: Run, state: str, costs: Dict[Tuple[str, str], float]) -> Optional[float]:
+    """ The minutes a run should take from here: its method's minutes per epoch x the epochs it has
+    left (a resumed run continues), None without an estimate. """
+    guess = costs.get((run.regime, run.method))
+    if guess is None:
+        return None
+    summary = planner.runs_dir / run.name / 'summary.csv'
+    done = len(read_summary(summary)) if state == 'resume' and summary.exists() else 0
+    return guess * (run.epochs - done)
+
+
+def fitting(planner: Planner, runs: List[Run], states: Dict[str, str], hours_left: float) -> List[Run]:
+    """ The runs whose estimate ends within `hours_left` (a run without an estimate does not). """
+    costs = epoch_minutes(planner, finished_results(planner))
+    fits = []
+    for run in runs:
+        minutes = run_minutes(planner, run, states[run.name], costs)
+        if minutes is not None and minutes <= hours_left * 60:
+            fits.append(run)
+    return fits
 
 
 # ---------------------------------------------------------------- collection
@@ -650,6 +705,26 @@ def publish_command(planner: Planner, result: Result) -> str:
             f'--card-notes {shown(notes)} --dry-run DIR`')
 
 
+def publish_best(planner: Planner, out_dir: Path, dry_run_dir: Path) -> List[Path]:
+    """ Each student's best GPD run as hfhub.publish --dry-run writes it (DIR/<repo name>/), its
+    card citing the study (card_notes.md). """
+    from hfhub.publish import export_checkpoint
+    notes_file = out_dir / CARD_NOTES
+    notes = notes_file.read_text() if notes_file.exists() else None
+    written = []
+    for result in best_gpd_runs(planner, finished_results(planner)):
+        final = planner.runs_dir / result.run.name / FINAL_CHECKPOINT
+        if not final.exists():
+            print(f'{result.run.name}: no {FINAL_CHECKPOINT} on this machine, not published', flush=True)
+            continue
+        repo_id = f'{HUB_ORG}/{result.run.regime}.gpd_fmnist'
+        folder = export_checkpoint(final, dry_run_dir / repo_id.split('/')[1], repo_id, overwrite=True,
+                                   card_notes=notes)
+        print(f'{result.run.name} (val top-1 {result.final["eval_top1"]:.2f}) -> {folder} as {repo_id}', flush=True)
+        written.append(folder)
+    return written
+
+
 def card_notes(planner: Planner, results: List[Result]) -> str:
     """ The model card section of a published study student: the study's tables. """
     chosen = chosen_runs(planner, results)
@@ -657,7 +732,7 @@ def card_notes(planner: Planner, results: List[Result]) -> str:
              'Trained by `benchmarks/study.py` (timm-gpd), which compares GPD with plain training and '
              'distillation on the full Fashion-MNIST at equal length, every method at its own lr chosen on '
              f"the last {planner.study['train'].get('val_holdout', 0):,} training images, reported on the "
-             'test split. Full tables: `benchmarks/results/study_fmnist/study.md` in timm-gpd.', '',
+             f'test split. Full tables: `benchmarks/results/{planner.runs_dir.parent.name}/study.md` in timm-gpd.', '',
              '### Per method, at its chosen lr (top-1 %, mean ± std over seeds)', ''] + method_table(chosen)
     comps = comparisons(planner, results)
     if comps:
@@ -783,10 +858,7 @@ def print_plan(planner: Planner):
             state, command = f'blocked, {item.reason}', None
         else:
             state = state_of(item, planner.runs_dir)
-            guess = costs.get((item.regime, item.method))
-            summary = planner.runs_dir / item.name / 'summary.csv'
-            done = len(read_summary(summary)) if state == 'resume' and summary.exists() else 0
-            minutes = None if guess is None else guess * (item.epochs - done)  # a resumed run: its epochs left
+            minutes = run_minutes(planner, item, state, costs)
             command = None if state == 'finished' else accuracy.command(item, planner.runs_dir,
                                                                         resume=state == 'resume')
         if state != 'finished':
@@ -814,12 +886,20 @@ def parse_args(argv=None):
                    help='run only these methods or run names (and the runs they read: static teacher, '
                         'fine-tune start)')
     p.add_argument('--max-hours', type=float, help='start no new run after this many hours')
+    p.add_argument('--finish-within', type=float, metavar='HOURS',
+                   help='start a run only if its estimate (--dry-run) ends within this many hours of the start')
+    p.add_argument('--jobs', type=int, default=1,
+                   help='train up to this many runs side by side (a GPU has room for several small runs)')
     p.add_argument('--commit', action='store_true',
                    help="git-commit each finished run's summary, arguments and the rebuilt tables")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument('--dry-run', action='store_true', help='print the plan and the commands, run nothing')
     mode.add_argument('--collect-only', action='store_true', help='only rebuild tables and plots')
+    mode.add_argument('--publish-best', type=Path, metavar='DIR',
+                      help="write each student's best GPD run as `hfhub.publish --dry-run` would, to DIR/<name>")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f'--jobs must be at least 1, got {args.jobs}')
     name = args.config.stem.removeprefix('study_')
     args.output = (args.output or REPO_ROOT / 'benchmarks' / 'results' / f'study_{name}').resolve()
     args.data_dir = args.data_dir.resolve()
@@ -832,6 +912,8 @@ def main(argv=None) -> int:
     planner = Planner(study, args.output / 'runs', args.data_dir)
     if args.collect_only:
         return 0 if collect(args.output, planner) else 1
+    if args.publish_best:
+        return 0 if publish_best(planner, args.output, args.publish_best) else 1
     if args.dry_run:
         print_plan(planner)
         return 0
@@ -845,7 +927,8 @@ def main(argv=None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         raise SystemExit(f'another benchmarks/study.py is running on {args.output}')
-    ok = run_study(planner, args.output, args.max_hours, args.commit, args.only)
+    ok = run_study(planner, args.output, args.max_hours, args.commit, args.only, jobs=args.jobs,
+                   finish_within=args.finish_within)
     collect(args.output, planner)
     return 0 if ok else 1
 

@@ -259,3 +259,86 @@ def test_last_fifth_gain_interpolates_at_four_fifths_of_training(study):
     # 8 epochs: from 6.4 epochs of training, 40 % of the way from the 6th epoch's value to the 7th's
     assert study.last_fifth_gain([70, 80, 85, 86, 87, 88, 89, 89.5]) == pytest.approx(89.5 - 88.4)
     assert study.last_fifth_gain([80]) is None
+
+
+class FakeTrain:
+    """ train.py as run_study sees it: a process that finishes its run (or fails) after a poll. """
+
+    def __init__(self, run_dir, run, val, fail=False):
+        self.run_dir, self.run, self.val, self.fail, self.polls = run_dir, run, val, fail, 0
+        self.returncode = None
+
+    def poll(self):
+        self.polls += 1
+        if self.polls < 2:
+            return None
+        if self.returncode is None:
+            if not self.fail:
+                finish(self.run_dir, self.run, self.val)
+            self.returncode = 1 if self.fail else 0
+        return self.returncode
+
+
+def test_jobs_train_runs_side_by_side_and_the_plan_moves_on_as_they_finish(study, tmp_path, monkeypatch):
+    """ --jobs 3: the sweep's runs start together (never more than 3 at once), the seeds follow
+    the choice; a failed run starts nothing new but the running ones finish; --finish-within
+    leaves out runs whose estimate does not fit. """
+    cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline'])},
+               lrs=[0.025, 0.05, 0.1], extend_edges=False, seeds=3, headline=[],
+               epoch_minutes={'resnet18': {'baseline': 1.0}})
+    out = tmp_path / 'out'
+    planner = study.Planner(cfg, out / 'runs', tmp_path / 'data')
+    launched, alive = [], []
+
+    def launch(run, runs_dir, logs_dir, resume, fail=()):
+        assert sum(p.returncode is None for p in alive) < 3
+        launched.append(run.name)
+        proc = FakeTrain(runs_dir / run.name, run, 90.0 if run.args['lr'] == 0.05 else 80.0,
+                         fail=run.name in fail)
+        alive.append(proc)
+        return proc
+
+    monkeypatch.setattr(study.accuracy, 'launch', launch)
+    assert study.run_study(planner, out, None, False, None, jobs=3, poll_seconds=0) is True
+    assert launched[:3] == [f'resnet18-baseline-lr{lr:g}-s0' for lr in (0.025, 0.05, 0.1)]
+    assert launched[3:] == ['resnet18-baseline-lr0.05-s1', 'resnet18-baseline-lr0.05-s2']
+
+    out2 = tmp_path / 'out2'
+    planner = study.Planner(cfg, out2 / 'runs', tmp_path / 'data')
+    launched.clear()
+    monkeypatch.setattr(study.accuracy, 'launch',
+                        lambda *a, **k: launch(*a, **k, fail={'resnet18-baseline-lr0.025-s0'}))
+    assert study.run_study(planner, out2, None, False, None, jobs=2, poll_seconds=0) is False
+    assert launched == ['resnet18-baseline-lr0.025-s0', 'resnet18-baseline-lr0.05-s0']
+    assert study.state_of(planner.method_run('resnet18', 'baseline', 0.05, 0), out2 / 'runs') == 'finished'
+
+    out3 = tmp_path / 'out3'  # 2 epochs of 1 min each: a 2-minute run does not fit in 1.5 minutes
+    launched.clear()
+    monkeypatch.setattr(study.accuracy, 'launch', launch)
+    planner = study.Planner(cfg, out3 / 'runs', tmp_path / 'data')
+    assert study.run_study(planner, out3, None, False, None, jobs=3, finish_within=1.5 / 60, poll_seconds=0)
+    assert launched == []
+    assert study.run_study(planner, out3, None, False, None, jobs=3, finish_within=2.5 / 60, poll_seconds=0)
+    assert len(launched) == 5
+
+
+def test_publish_best_writes_each_students_best_gpd_run_with_the_study_card(study, tmp_path, monkeypatch):
+    cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline', 'gpd_scratch'])},
+               lrs=[0.05, 0.1], extend_edges=False, seeds=1, headline=[])
+    out = tmp_path / 'study_fmnist_gpu'
+    planner = study.Planner(cfg, out / 'runs', tmp_path / 'data')
+    runs = planned(planner)
+    for name, val in (('resnet18-baseline-lr0.05-s0', 95.0), ('resnet18-gpd_scratch-lr0.05-s0', 85.0),
+                      ('resnet18-gpd_scratch-lr0.1-s0', 80.0)):
+        finish(out / 'runs' / name, runs[name], val)
+        (out / 'runs' / name / 'final.pth').write_bytes(b'x')
+    study.collect(out, planner, quiet=True)
+    assert 'benchmarks/results/study_fmnist_gpu/study.md' in (out / 'card_notes.md').read_text()
+    calls = []
+    import hfhub.publish
+    monkeypatch.setattr(hfhub.publish, 'export_checkpoint',
+                        lambda ckpt, folder, repo_id, **kw: calls.append((ckpt, folder, repo_id, kw)) or folder)
+    assert study.publish_best(planner, out, tmp_path / 'hub') == [tmp_path / 'hub' / 'resnet18.gpd_fmnist']
+    (ckpt, folder, repo_id, kw), = calls  # the better GPD run, not the (better) baseline
+    assert ckpt == out / 'runs' / 'resnet18-gpd_scratch-lr0.05-s0' / 'final.pth'
+    assert repo_id == f'{study.HUB_ORG}/resnet18.gpd_fmnist' and '## How it compares' in kw['card_notes']
