@@ -25,6 +25,7 @@ with 95 % confidence intervals, convergence and DT - student gap) and three plot
                                                     # runs whose estimate ends within 9 minutes
     python benchmarks/study.py --dry-run            # the plan: what is finished, next, blocked
     python benchmarks/study.py --collect-only       # rebuild tables and plots from finished runs
+    python benchmarks/study.py --publish-best DIR   # each student's best GPD run, as hfhub.publish --dry-run
 
 Output (default benchmarks/results/study_fmnist/): runs/<name>/ holds train.py's output; the
 summary, arguments and study.json (processors, commits) of finished runs are committed, the
@@ -263,8 +264,10 @@ def processor() -> str:
 
 
 def git_commit() -> str:
-    """ HEAD (+dirty); where git cannot tell (a copy of the tree without its .git, on a remote GPU
-    machine), $GPD_STUDY_COMMIT, the commit that copy was made from. """
+    """ $GPD_STUDY_COMMIT where set: the commit a copied tree was made from (a remote GPU machine's
+    copy may carry no .git, or a stale one); else HEAD (+dirty). """
+    if os.environ.get('GPD_STUDY_COMMIT'):
+        return os.environ['GPD_STUDY_COMMIT']
     try:
         head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -272,7 +275,7 @@ def git_commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return head + ('+dirty' if dirty else '')
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get('GPD_STUDY_COMMIT', 'unknown')
+        return 'unknown'
 
 
 def read_info(run_dir: Path) -> dict:

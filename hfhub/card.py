@@ -78,19 +78,27 @@ def read_run(checkpoint_path: Path, checkpoint: Dict[str, Any], ema: bool = Fals
 
 
 def epoch_metrics(run: RunRecord) -> Dict[str, Any]:
-    """eval_* columns of the summary row for the checkpoint's epoch (empty if not logged)."""
+    """eval_* (and test_*) columns of the summary row for the checkpoint's epoch (empty if not logged)."""
     rows = [r for r in run.summary if r.get('epoch') == run.epoch]
     if not rows:
         if run.summary:
             _logger.warning('summary.csv has no row for epoch %s of %s.', run.epoch, run.checkpoint)
         return {}
-    return {k: v for k, v in rows[-1].items() if k.startswith('eval_')}
+    return {k: v for k, v in rows[-1].items() if k.startswith(('eval_', 'test_'))}
+
+
+def holdout_scored(run: RunRecord) -> bool:
+    """A run that validated on the held-out tail of its training split (train.py --val-holdout) and
+    scored the dataset's evaluation split as test_*: its eval_* columns are not the evaluation split's."""
+    return bool(run.args.get('val_holdout')) and isinstance(epoch_metrics(run).get('test_top1'), (int, float))
 
 
 def headline_metrics(run: RunRecord) -> Dict[str, float]:
-    """Top-1/top-5 of the published weights: train.py logs the EMA student as eval_ema_*."""
+    """Top-1/top-5 of the published weights on the evaluation split: train.py logs it as eval_*, or
+    as test_* when validation was held out of the training split; the EMA student as *_ema_*."""
     metrics = epoch_metrics(run)
-    prefix = 'eval_ema_' if run.ema and 'eval_ema_top1' in metrics else 'eval_'
+    base = 'test_' if holdout_scored(run) else 'eval_'
+    prefix = f'{base}ema_' if run.ema and isinstance(metrics.get(f'{base}ema_top1'), (int, float)) else base
     named = {'Top-1 accuracy': metrics.get(f'{prefix}top1'), 'Top-5 accuracy': metrics.get(f'{prefix}top5')}
     return {k: v for k, v in named.items() if isinstance(v, (int, float))}
 
@@ -192,6 +200,9 @@ def render_card(run: RunRecord, repo_id: str, license: str, student_info: Option
     metrics = {k: v for k, v in epoch_metrics(run).items() if v is not None}
     details = '\n'.join(f'- **{k}:** {v}' for k, v in _details(run, student_info))
     results = '\n'.join(f'- {k}: {v}' for k, v in metrics.items()) or '- not logged'
+    if holdout_scored(run):
+        results = (f"eval_*: the last {run.args['val_holdout']:,} training images, held out (every choice was "
+                   "made on them); test_*: the evaluation split, never used for a choice.\n\n" + results)
     args_yaml = yaml.safe_dump(run.args, sort_keys=True, allow_unicode=True).rstrip()
     body = f"""
 # Model card for {name}

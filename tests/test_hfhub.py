@@ -1,4 +1,5 @@
 """Publishing students (hfhub.publish), the model card, and loading them back offline."""
+import csv
 import json
 import os
 import subprocess
@@ -389,3 +390,28 @@ def test_card_notes_become_a_section_after_the_results(stock_run, tmp_path, caps
     assert publish_main(['--checkpoint', str(stock_run), '--repo-id', REPO_ID, '--dry-run', str(tmp_path / 'o2'),
                          '--card-notes', str(tmp_path / 'missing.md')]) == 2
     assert '--card-notes' in capsys.readouterr().err and not (tmp_path / 'o2' / 'README.md').exists()
+
+
+def test_a_held_out_validation_run_is_carded_by_its_test_split(tmp_path):
+    """train.py --val-holdout validates on the tail of the training split (eval_*) and scores the
+    evaluation split as test_*: the card's metrics (split 'test') are the test_* ones, and its
+    results say which is which."""
+    model = timm.create_model('resnet18', num_classes=10, in_chans=1)
+    ckpt = write_run(tmp_path / 'exp', model, 'resnet18', args=train_args('resnet18', val_holdout=5000))
+    rows = read_summary(ckpt.parent)
+    for i, row in enumerate(rows):
+        row.update(test_top1=50.0 + i, test_top5=90.0 + i)
+    with (ckpt.parent / 'summary.csv').open('w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = publish(ckpt, REPO_ID, dry_run=tmp_path / 'out')
+    meta, body = parse_card(out / 'README.md')
+    result = meta['model-index'][0]['results'][0]
+    assert result['dataset']['split'] == 'test'
+    assert {m['name']: m['value'] for m in result['metrics']} == {'Top-1 accuracy': 52.0, 'Top-5 accuracy': 92.0}
+    assert 'eval_*: the last 5,000 training images, held out' in body and '- test_top1: 52.0' in body
+    # without the holdout, eval_* is the evaluation split, as before
+    plain = write_run(tmp_path / 'plain', model, 'resnet18')
+    meta, _ = parse_card(publish(plain, REPO_ID, dry_run=tmp_path / 'out2') / 'README.md')
+    assert meta['model-index'][0]['results'][0]['metrics'][0]['value'] == summary_rows(3)[-1]['eval_top1']
