@@ -342,3 +342,38 @@ def test_publish_best_writes_each_students_best_gpd_run_with_the_study_card(stud
     (ckpt, folder, repo_id, kw), = calls  # the better GPD run, not the (better) baseline
     assert ckpt == out / 'runs' / 'resnet18-gpd_scratch-lr0.05-s0' / 'final.pth'
     assert repo_id == f'{study.HUB_ORG}/resnet18.gpd_fmnist' and '## How it compares' in kw['card_notes']
+
+
+def test_a_time_boxed_session_packs_what_must_travel_back(repo_root, fashion_mnist_root, tmp_path):
+    """ benchmarks/study_session.sh: the runs that fit, side by side, then the tables, the best GPD
+    student exported and split, everything packed in ARCHIVE_DIR without weights. """
+    import os
+    import tarfile
+    cfg = tmp_path / 'study_tiny.yaml'
+    cfg.write_text(yaml.safe_dump(dict(
+        students={'test_resnet': dict(teacher='test_resnet', methods=['baseline', 'gpd_scratch'])},
+        lrs=[0.1], extend_edges=False, seeds=1, headline_seeds=1, headline=[],
+        epoch_minutes={'test_resnet': {'baseline': 0.5, 'gpd_scratch': 0.5}},
+        train=dict(batch_size=16, validation_batch_size=1000, epochs=1, warmup_epochs=0, val_holdout=32,
+                   train_limit=64, workers=0, precise_bn=0), teacher=dict(epochs=1))))
+    archive, out = tmp_path / 'archive', tmp_path / 'study_tiny'
+    env = dict(os.environ, PYTHON=sys.executable, STUDY_OUTPUT=str(out), DATA_DIR=str(fashion_mnist_root),
+               GPD_STUDY_COMMIT='abc1234')
+    proc = subprocess.run(['bash', 'benchmarks/study_session.sh', str(cfg), '3', '2', str(archive),
+                           'test_resnet.gpd_fmnist'], cwd=repo_root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'runs must end within 0.025 h' in proc.stdout  # 3 min - 1 for the tables - 30 s
+    with tarfile.open(archive / 'results.tgz') as tar:
+        names = tar.getnames()
+    assert 'study_tiny/runs.csv' in names and 'study_tiny/runs/test_resnet-gpd_scratch-lr0.1-s0/summary.csv' in names
+    assert not [n for n in names if n.endswith(('.pth', '.safetensors')) or '/logs' in n]
+    assert '"abc1234"' in (out / 'runs' / 'test_resnet-gpd_scratch-lr0.1-s0' / 'study.json').read_text()
+    pieces = sorted(archive.glob('pub.tar.*'))
+    assert pieces and all(p.stat().st_size <= 15 * 2 ** 20 for p in pieces)
+    joined = tmp_path / 'pub.tar'
+    joined.write_bytes(b''.join(p.read_bytes() for p in pieces))
+    with tarfile.open(joined) as tar:
+        assert 'test_resnet.gpd_fmnist/model.safetensors' in tar.getnames()
+    with tarfile.open(archive / 'logtails.tgz') as tar:
+        assert len([n for n in tar.getnames() if n.endswith('.log')]) == 2
