@@ -662,7 +662,31 @@ def study_markdown(planner: Planner, results: List[Result]) -> str:
             gap_lines.append(f'- {student} {method}: ' + ' '.join(f'{g:+.2f}' for g in mean_gap))
     if gap_lines:
         lines += ['', '## DT - student gap per epoch (test top-1, mean over seeds)', ''] + gap_lines
+    lines += failed_students(results)
     return '\n'.join(lines) + '\n'
+
+
+FAILED_STUDENT_GAP = 5.0  # test top-1 points a student may end behind its own DT before it counts as failed
+CHANCE_TOP1 = 15.0        # top-1 (%) under which a 10-class student is near chance (10 %)
+
+
+def failed_students(results: List[Result]) -> List[str]:
+    """ study.md's section on GPD runs (any lr, any seed) whose student ended more than
+    FAILED_STUDENT_GAP test points behind its own DT: the DT then "leads" because the student
+    failed, which the mean gap of the chosen runs hides. """
+    gpd = [r for r in results if r.run.args.get('gpd') and r.final.get('test_dt_top1') is not None]
+    if not gpd:
+        return []
+    failed = [r for r in gpd if r.final['test_dt_top1'] - r.final['test_top1'] > FAILED_STUDENT_GAP]
+    lines = ['', f'## Students that failed their DT (ended > {FAILED_STUDENT_GAP:g} test points behind it)', '',
+             f'{len(failed)} of {len(gpd)} finished GPD runs.']
+    for r in failed:
+        student = r.column('test_top1')
+        near_chance = sum(v is not None and v < CHANCE_TOP1 for v in student)
+        lines.append(f"- {r.run.name}: student {r.final['test_top1']:.2f}, DT {r.final['test_dt_top1']:.2f} "
+                     f"(DT - student {r.final['test_dt_top1'] - r.final['test_top1']:+.2f}); student under "
+                     f'{CHANCE_TOP1:g} % in {near_chance} of {len(student)} epochs')
+    return lines
 
 
 def method_table(chosen: Dict[Tuple[str, str], List[Result]]) -> List[str]:

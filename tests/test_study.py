@@ -377,3 +377,22 @@ def test_a_time_boxed_session_packs_what_must_travel_back(repo_root, fashion_mni
         assert 'test_resnet.gpd_fmnist/model.safetensors' in tar.getnames()
     with tarfile.open(archive / 'logtails.tgz') as tar:
         assert len([n for n in tar.getnames() if n.endswith('.log')]) == 2
+
+
+def test_study_md_lists_the_gpd_students_that_failed_their_dt(study, tmp_path):
+    cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline', 'gpd_scratch'])},
+               lrs=[0.05, 0.1], extend_edges=False, seeds=1, headline=[])
+    out = tmp_path / 'out'
+    planner = study.Planner(cfg, out / 'runs', tmp_path / 'data')
+    runs = planned(planner)
+    finish(out / 'runs' / 'resnet18-gpd_scratch-lr0.05-s0', runs['resnet18-gpd_scratch-lr0.05-s0'], 90.0, gap=0.5)
+    finish(out / 'runs' / 'resnet18-gpd_scratch-lr0.1-s0', runs['resnet18-gpd_scratch-lr0.1-s0'], 12.0, gap=70.0)
+    finish(out / 'runs' / 'resnet18-baseline-lr0.1-s0', runs['resnet18-baseline-lr0.1-s0'], 90.0)
+    study.collect(out, planner, quiet=True)
+    md = (out / 'study.md').read_text()
+    section = md.split('## Students that failed their DT (ended > 5 test points behind it)')[1]
+    assert '1 of 2 finished GPD runs.' in section
+    # finish() writes the last epoch's top-1 and 1 point less before it: 11 and 12, both near chance
+    assert '- resnet18-gpd_scratch-lr0.1-s0: student 12.00, DT 82.00 (DT - student +70.00); student under 15 % ' \
+           'in 2 of 2 epochs' in section
+    assert 'lr0.05' not in section
