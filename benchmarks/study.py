@@ -662,23 +662,38 @@ def study_markdown(planner: Planner, results: List[Result]) -> str:
             gap_lines.append(f'- {student} {method}: ' + ' '.join(f'{g:+.2f}' for g in mean_gap))
     if gap_lines:
         lines += ['', '## DT - student gap per epoch (test top-1, mean over seeds)', ''] + gap_lines
-    lines += failed_students(results)
+    lines += failed_students(planner, results)
     return '\n'.join(lines) + '\n'
 
 
-FAILED_STUDENT_GAP = 5.0  # test top-1 points a student may end behind its own DT before it counts as failed
+FAILED_STUDENT_GAP = 5.0  # test top-1 points a student may end behind its own DT before it counts as
+                          # failed (the study YAML's `failed_student_gap` overrides it)
 CHANCE_TOP1 = 15.0        # top-1 (%) under which a 10-class student is near chance (10 %)
 
 
-def failed_students(results: List[Result]) -> List[str]:
-    """ study.md's section on GPD runs (any lr, any seed) whose student ended more than
-    FAILED_STUDENT_GAP test points behind its own DT: the DT then "leads" because the student
+def gpd_results(results: List[Result]) -> List[Result]:
+    return [r for r in results if r.run.args.get('gpd') and r.final.get('test_dt_top1') is not None]
+
+
+def failed_gap(planner: Planner) -> float:
+    return float(planner.study.get('failed_student_gap', FAILED_STUDENT_GAP))
+
+
+def failed_runs(planner: Planner, results: List[Result]) -> List[Result]:
+    """ GPD runs (any lr, any seed) whose student ended more than `failed_gap` test points
+    behind its own DT. """
+    gap = failed_gap(planner)
+    return [r for r in gpd_results(results) if r.final['test_dt_top1'] - r.final['test_top1'] > gap]
+
+
+def failed_students(planner: Planner, results: List[Result]) -> List[str]:
+    """ study.md's section on the failed students: the DT then "leads" because its student
     failed, which the mean gap of the chosen runs hides. """
-    gpd = [r for r in results if r.run.args.get('gpd') and r.final.get('test_dt_top1') is not None]
+    gpd = gpd_results(results)
     if not gpd:
         return []
-    failed = [r for r in gpd if r.final['test_dt_top1'] - r.final['test_top1'] > FAILED_STUDENT_GAP]
-    lines = ['', f'## Students that failed their DT (ended > {FAILED_STUDENT_GAP:g} test points behind it)', '',
+    failed = failed_runs(planner, results)
+    lines = ['', f'## Students that failed their DT (ended > {failed_gap(planner):g} test points behind it)', '',
              f'{len(failed)} of {len(gpd)} finished GPD runs.']
     for r in failed:
         student = r.column('test_top1')
@@ -922,6 +937,8 @@ def parse_args(argv=None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument('--dry-run', action='store_true', help='print the plan and the commands, run nothing')
     mode.add_argument('--collect-only', action='store_true', help='only rebuild tables and plots')
+    mode.add_argument('--list-failed', action='store_true',
+                      help='print the finished GPD runs whose student failed its DT, one per line')
     mode.add_argument('--publish-best', type=Path, metavar='DIR',
                       help="write each student's best GPD run as `hfhub.publish --dry-run` would, to DIR/<name>")
     args = p.parse_args(argv)
@@ -939,6 +956,9 @@ def main(argv=None) -> int:
     planner = Planner(study, args.output / 'runs', args.data_dir)
     if args.collect_only:
         return 0 if collect(args.output, planner) else 1
+    if args.list_failed:
+        print('\n'.join(r.run.name for r in failed_runs(planner, finished_results(planner))))
+        return 0
     if args.publish_best:
         return 0 if publish_best(planner, args.output, args.publish_best) else 1
     if args.dry_run:

@@ -5,6 +5,7 @@
 #   results.tgz   the study's folder without weights or logs (summaries, args, tables, plots)
 #   logtails.tgz  the last 20 kB of every run's log
 #   pub.tar.*     the exported best GPD student (PUBLISHED, e.g. resnet18.gpd_fmnist), split
+#   bn_check.txt  benchmarks/bn_check.py on every GPD run of this session whose student failed its DT
 # results.tgz holds the study's folder by its name (tar xzf results.tgz -C benchmarks/results).
 # Runs that were cut off are in it with the epochs they finished; nothing resumes them.
 #
@@ -14,7 +15,7 @@
 #   from), STUDY_OUTPUT (default benchmarks/results/study_<config name>), DATA_DIR (default data)
 set -u
 if [ $# -lt 4 ]; then
-    sed -n '2,15p' "$0" >&2
+    sed -n '2,16p' "$0" >&2
     exit 2
 fi
 config=$(realpath -m "$1"); minutes=$2; jobs=$3; archive=$(realpath -m "$4")
@@ -37,15 +38,24 @@ name=$(basename "$config" .yaml)
 results=${output:-$PWD/benchmarks/results/study_${name#study_}}
 study=(benchmarks/study.py --config "$config" --data-dir "$data" --output "$results")
 export PYTHONUNBUFFERED=1
-# the last minute is the tables' and the packing's; a run starts only if its estimate ends before
-budget=$(( minutes * 60 - 60 ))
-within=$($py -c "print(max(0.0, ($budget - 30) / 3600))")
+# the last 90 s are the tables', the checks' and the packing's; a run starts only if its estimate
+# ends 30 s before that
+budget=$(( minutes * 60 - 90 ))
+within=$($py -c "print(f'{max(0.0, ($budget - 30) / 3600):.4f}')")
 echo "session: $config, $minutes min, --jobs $jobs, runs must end within $within h" | tee "$log"
 timeout -k 15 "$budget" $py "${study[@]}" --jobs "$jobs" --finish-within "$within" 2>&1 | tee -a "$log"
 echo "training stopped after $(( $(date +%s) - start )) s" | tee -a "$log"
 $py "${study[@]}" --collect-only >> "$log" 2>&1
 pub_dir=$(mktemp -d)
 $py "${study[@]}" --publish-best "$pub_dir" 2>&1 | tee -a "$log"
+# a student that failed its DT: its weights or its BatchNorm statistics? (only this session's runs
+# have their final.pth here)
+for run in $($py "${study[@]}" --list-failed); do
+    if [ -f "$results/runs/$run/final.pth" ]; then
+        timeout 120 $py benchmarks/bn_check.py --checkpoint "$results/runs/$run/final.pth" --data-dir "$data" \
+            >> "$archive/bn_check.txt" 2>&1
+    fi
+done
 tar czf "$archive/results.tgz" --exclude='*.pth' --exclude='*.safetensors' --exclude=.lock --exclude=logs \
     -C "$(dirname "$results")" "$(basename "$results")"
 tails=$(mktemp -d)/logtails
