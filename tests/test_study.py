@@ -322,12 +322,18 @@ def test_jobs_train_runs_side_by_side_and_the_plan_moves_on_as_they_finish(study
     assert len(launched) == 5
 
 
-def test_publish_best_writes_each_students_best_gpd_run_with_the_study_card(study, tmp_path, monkeypatch):
+def baseline_and_gpd_study(study, tmp_path, name: str):
+    """ (config, output dir, planner, planned runs) of a resnet18 baseline + GPD scratch study over
+    lr 0.05 and 0.1, one seed: nothing finished yet. """
     cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline', 'gpd_scratch'])},
                lrs=[0.05, 0.1], extend_edges=False, seeds=1, headline=[])
-    out = tmp_path / 'study_fmnist_gpu'
+    out = tmp_path / name
     planner = study.Planner(cfg, out / 'runs', tmp_path / 'data')
-    runs = planned(planner)
+    return cfg, out, planner, planned(planner)
+
+
+def test_publish_best_writes_each_students_best_gpd_run_with_the_study_card(study, tmp_path, monkeypatch):
+    _, out, planner, runs = baseline_and_gpd_study(study, tmp_path, 'study_fmnist_gpu')
     for name, val in (('resnet18-baseline-lr0.05-s0', 95.0), ('resnet18-gpd_scratch-lr0.05-s0', 85.0),
                       ('resnet18-gpd_scratch-lr0.1-s0', 80.0)):
         finish(out / 'runs' / name, runs[name], val)
@@ -383,11 +389,7 @@ def test_a_time_boxed_session_packs_what_must_travel_back(repo_root, fashion_mni
 
 
 def test_study_md_lists_the_gpd_students_that_failed_their_dt(study, tmp_path, capsys):
-    cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline', 'gpd_scratch'])},
-               lrs=[0.05, 0.1], extend_edges=False, seeds=1, headline=[])
-    out = tmp_path / 'out'
-    planner = study.Planner(cfg, out / 'runs', tmp_path / 'data')
-    runs = planned(planner)
+    cfg, out, planner, runs = baseline_and_gpd_study(study, tmp_path, 'out')
     finish(out / 'runs' / 'resnet18-gpd_scratch-lr0.05-s0', runs['resnet18-gpd_scratch-lr0.05-s0'], 90.0, gap=0.5)
     finish(out / 'runs' / 'resnet18-gpd_scratch-lr0.1-s0', runs['resnet18-gpd_scratch-lr0.1-s0'], 12.0, gap=70.0)
     finish(out / 'runs' / 'resnet18-baseline-lr0.1-s0', runs['resnet18-baseline-lr0.1-s0'], 90.0)
