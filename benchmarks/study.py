@@ -944,6 +944,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f'--jobs must be at least 1, got {args.jobs}')
+    if args.finish_within is not None and args.finish_within <= 0:
+        p.error(f'--finish-within takes hours > 0, got {args.finish_within}')
     name = args.config.stem.removeprefix('study_')
     args.output = (args.output or REPO_ROOT / 'benchmarks' / 'results' / f'study_{name}').resolve()
     args.data_dir = args.data_dir.resolve()

@@ -279,7 +279,7 @@ class FakeTrain:
         return self.returncode
 
 
-def test_jobs_train_runs_side_by_side_and_the_plan_moves_on_as_they_finish(study, tmp_path, monkeypatch):
+def test_jobs_train_runs_side_by_side_and_the_plan_moves_on_as_they_finish(study, tmp_path, monkeypatch, capsys):
     """ --jobs 3: the sweep's runs start together (never more than 3 at once), the seeds follow
     the choice; a failed run starts nothing new but the running ones finish; --finish-within
     leaves out runs whose estimate does not fit. """
@@ -320,6 +320,11 @@ def test_jobs_train_runs_side_by_side_and_the_plan_moves_on_as_they_finish(study
     assert launched == []
     assert study.run_study(planner, out3, None, False, None, jobs=3, finish_within=2.5 / 60, poll_seconds=0)
     assert len(launched) == 5
+    for flags, message in ((['--jobs', '0'], '--jobs must be at least 1'),
+                           (['--finish-within', '0'], '--finish-within takes hours > 0')):
+        with pytest.raises(SystemExit):
+            study.parse_args(flags)
+        assert message in capsys.readouterr().err
 
 
 def baseline_and_gpd_study(study, tmp_path, name: str):
