@@ -22,7 +22,7 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -71,10 +71,11 @@ def with_batch_statistics(model: nn.Module) -> nn.Module:
     return copied
 
 
-def recomputed(model: nn.Module, batches: Iterable[torch.Tensor], gpd: bool) -> Tuple[nn.Module, int]:
+def recomputed(model: nn.Module, batches: Iterable[torch.Tensor], gpd: bool) -> nn.Module:
+    """ A copy whose running statistics are recomputed over ``batches`` (train.py's --precise-bn). """
     copied = copy.deepcopy(model)
-    count = recompute_bn_stats(copied, batches, (lambda x: copied(x, mode='both')) if gpd else copied)
-    return copied.eval(), count
+    recompute_bn_stats(copied, batches, (lambda x: copied(x, mode='both')) if gpd else copied)
+    return copied.eval()
 
 
 def first(loader: Iterable, n: int, device: torch.device) -> Iterable[torch.Tensor]:
@@ -97,10 +98,10 @@ def check(checkpoint_path: str, data_dir: Optional[str], batches: int, limit: Op
     train_loader, val_loader, _, bn_loader = train.build_loaders(args, data_config, train_ds, val_ds)
     rows = {'stored': top1(model, val_loader, gpd, device)}
     if bn_loader is not None:
-        precise = recomputed(model, first(bn_loader, args.precise_bn, device), gpd)[0]
+        precise = recomputed(model, first(bn_loader, args.precise_bn, device), gpd)
         rows['precise (eval)'] = top1(precise, val_loader, gpd, device)
-    rows['precise (train)'] = top1(recomputed(model, first(train_loader, batches, device), gpd)[0], val_loader, gpd,
-                                   device)
+    precise = recomputed(model, first(train_loader, batches, device), gpd)
+    rows['precise (train)'] = top1(precise, val_loader, gpd, device)
     rows['batch stats'] = top1(with_batch_statistics(model), val_loader, gpd, device)
     return rows
 

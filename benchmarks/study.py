@@ -444,7 +444,7 @@ def run_study(planner: Planner, out_dir: Path, max_hours: Optional[float], commi
             if not running:
                 print(f'--max-hours {max_hours} reached: {len(pending)} run(s) left, the same command continues')
                 return True
-        if finish_within is not None:
+        if finish_within is not None and len(running) < jobs:  # estimates read every summary: only with a free slot
             runnable = fitting(planner, runnable, states, finish_within - hours)
             if not runnable and not running:
                 print(f'--finish-within {finish_within}: no run left fits ({len(pending)} left), '
@@ -736,6 +736,11 @@ def best_gpd_runs(planner: Planner, results: List[Result]) -> List[Result]:
     return list(best.values())
 
 
+def published_repo_id(student: str) -> str:
+    """ Where a study's best GPD student of this architecture is published (its gpd_*.fmnist tag). """
+    return f'{HUB_ORG}/{student}.gpd_fmnist'
+
+
 def publish_command(planner: Planner, result: Result) -> str:
     def shown(path: Path) -> Path:
         try:
@@ -743,7 +748,7 @@ def publish_command(planner: Planner, result: Result) -> str:
         except ValueError:
             return path
     final, notes = planner.runs_dir / result.run.name / FINAL_CHECKPOINT, planner.runs_dir.parent / CARD_NOTES
-    return (f'`python -m hfhub.publish --checkpoint {shown(final)} --repo-id {HUB_ORG}/{result.run.regime}.gpd_fmnist '
+    return (f'`python -m hfhub.publish --checkpoint {shown(final)} --repo-id {published_repo_id(result.run.regime)} '
             f'--card-notes {shown(notes)} --dry-run DIR`')
 
 
@@ -759,7 +764,7 @@ def publish_best(planner: Planner, out_dir: Path, dry_run_dir: Path) -> List[Pat
         if not final.exists():
             print(f'{result.run.name}: no {FINAL_CHECKPOINT} on this machine, not published', flush=True)
             continue
-        repo_id = f'{HUB_ORG}/{result.run.regime}.gpd_fmnist'
+        repo_id = published_repo_id(result.run.regime)
         folder = export_checkpoint(final, dry_run_dir / repo_id.split('/')[1], repo_id, overwrite=True,
                                    card_notes=notes)
         print(f'{result.run.name} (val top-1 {result.final["eval_top1"]:.2f}) -> {folder} as {repo_id}', flush=True)
