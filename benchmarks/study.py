@@ -18,7 +18,7 @@ evaluated every epoch and never read by any choice. Then it collects every finis
 runs.csv (one row per run), study.md (the sweep, per-method mean +- std, paired differences
 with 95 % confidence intervals, convergence and DT - student gap) and three plots.
 
-    python benchmarks/study.py                      # run what is missing, in order (resumable)
+    python benchmarks/study.py                      # run what is missing, in order (started runs resume first)
     python benchmarks/study.py --max-hours 2        # start no new run after 2 hours
     python benchmarks/study.py --commit             # git-commit each finished run's results
     python benchmarks/study.py --jobs 6 --finish-within 0.15   # a GPU: 6 runs side by side, only
@@ -392,10 +392,10 @@ def finalize(run: Run, out_dir: Path, planner: Planner, commit: bool):
 def run_study(planner: Planner, out_dir: Path, max_hours: Optional[float], commit: bool,
               only: Optional[Sequence[str]], jobs: int = 1, finish_within: Optional[float] = None,
               poll_seconds: float = 5.0) -> bool:
-    """ Train the runnable unfinished runs in plan order, up to `jobs` side by side, until none is
-    left (True) or one fails (False: no new run starts, the running ones finish). `max_hours`: no
-    run starts after it; `finish_within`: a run starts only if its estimate (--dry-run's) ends
-    within that many hours of the start. """
+    """ Train the runnable unfinished runs (those with a checkpoint first, then in plan order), up
+    to `jobs` side by side, until none is left (True) or one fails (False: no new run starts, the
+    running ones finish). `max_hours`: no run starts after it; `finish_within`: a run starts only
+    if its estimate (--dry-run's) ends within that many hours of the start. """
     runs_dir, logs_dir = planner.runs_dir, out_dir / 'logs'
     start = time.time()
     running: Dict[str, Tuple[Run, subprocess.Popen]] = {}
@@ -431,6 +431,9 @@ def run_study(planner: Planner, out_dir: Path, max_hours: Optional[float], commi
                            if states.get(n) == 'finished' and not (runs_dir / n / 'student.safetensors').exists()}
         runnable = [r for r in pending if r.name not in running and all(
             states.get(n) == 'finished' and n not in missing_weights for n in r.needs)]
+        # a run with a checkpoint goes first: its epochs so far are spent, and a restarted driver
+        # should not leave it half-trained behind new runs (otherwise plan order)
+        runnable.sort(key=lambda r: states[r.name] != 'resume')
         if not runnable and not running:
             if missing_weights:
                 print(f'the weights of {", ".join(sorted(missing_weights))} are not on this machine (only its '

@@ -327,6 +327,33 @@ def test_jobs_train_runs_side_by_side_and_the_plan_moves_on_as_they_finish(study
         assert message in capsys.readouterr().err
 
 
+def test_a_started_run_resumes_before_new_runs_start(study, tmp_path, monkeypatch, capsys):
+    """ A driver restarted after an interruption continues the run it left half-trained (its
+    checkpoint) before it starts runs that come earlier in the plan. """
+    cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline'])},
+               lrs=[0.025, 0.05, 0.1], extend_edges=False, seeds=1, headline=[])
+    out = tmp_path / 'out'
+    planner = study.Planner(cfg, out / 'runs', tmp_path / 'data')
+    started = planned(planner)['resnet18-baseline-lr0.1-s0']
+    run_dir = out / 'runs' / started.name
+    finish(run_dir, started, 85.0)
+    rows = (run_dir / 'summary.csv').read_text().splitlines()
+    (run_dir / 'summary.csv').write_text('\n'.join(rows[:2]) + '\n')  # the first of 2 epochs
+    (run_dir / 'last.pth').write_bytes(b'')
+    assert study.state_of(started, out / 'runs') == 'resume'
+    launched = []
+
+    def launch(run, runs_dir, logs_dir, resume):
+        launched.append((run.name, resume))
+        return FakeTrain(runs_dir / run.name, run, 80.0)
+
+    monkeypatch.setattr(study.accuracy, 'launch', launch)
+    assert study.run_study(planner, out, None, False, None, jobs=1, poll_seconds=0) is True
+    assert launched == [('resnet18-baseline-lr0.1-s0', True), ('resnet18-baseline-lr0.025-s0', False),
+                        ('resnet18-baseline-lr0.05-s0', False)]
+    assert 'resnet18-baseline-lr0.1-s0: resuming' in capsys.readouterr().out
+
+
 def baseline_and_gpd_study(study, tmp_path, name: str):
     """ (config, output dir, planner, planned runs) of a resnet18 baseline + GPD scratch study over
     lr 0.05 and 0.1, one seed: nothing finished yet. """
