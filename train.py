@@ -39,12 +39,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import timm
 from timm.data import Mixup, create_dataset, create_transform, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.models import load_checkpoint, resolve_model_input_args, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, ParseKwargs, distribute_bn, get_outdir
 
+from timm_gpd.device_augment import DeviceAugment, DeviceTrainLoader, cached_transform, images_of
 from timm_gpd.checkpoint import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, exit_on_sigterm, non_finite_tensors,
     read_weights, run_environment, state_dict_of)
@@ -216,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob (default: 0.)')
     group.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
     group.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
+    group.add_argument('--device-augment', action='store_true', default=False,
+                       help='keep an in-memory dataset (torch/mnist, torch/fashion_mnist, torch/cifar10/100) on '
+                            'the training device and augment it there, a batch at a time, instead of in loader '
+                            'workers (random resized crop, flip, color jitter, random erasing; not --aa); '
+                            'evaluation transforms run once')
     group.add_argument('--mixup', type=float, default=0.0,
                        help='mixup alpha, mixup enabled if > 0. (default: 0.)')
     group.add_argument('--cutmix', type=float, default=0.0,
@@ -339,6 +346,10 @@ def pillow_refuses_zero_bit_posterize() -> bool:
 def check_recipe_args(parser, args):
     if args.grad_accum_steps < 1:
         parser.error(f'--grad-accum-steps takes a number of steps >= 1, got {args.grad_accum_steps}')
+    if args.device_augment and args.aa:
+        parser.error(f'--device-augment draws crops, flips, color jitter and random erasing, not --aa {args.aa}')
+    if args.device_augment and args.grad_accum_steps > 1:
+        parser.error('--device-augment trains with --grad-accum-steps 1 (its loader is not Accelerate\'s)')
     if mixup_active(args) and args.batch_size % 2:
         parser.error(f'--mixup / --cutmix mix pairs of images: --batch-size must be even, got {args.batch_size}')
     if args.checkpoint_hist < 0:
@@ -796,8 +807,34 @@ def make_accelerator(args) -> Accelerator:
                        log_with='wandb' if args.log_wandb else None, **extra)
 
 
-def build_loaders(args, data_config: dict, train_ds, val_ds):
-    # torch DataLoaders over timm transforms; Accelerate shards them across processes
+def device_train_loader(args, data_config: dict, train_images, stop: int, accelerator: Optional[Accelerator]):
+    """ --device-augment: the training images [0, stop) on the device, augmented there. """
+    try:
+        images, targets = images_of(train_images, data_config['input_size'][0])
+    except ValueError as e:
+        raise UsageError(f'--device-augment: {e}') from e
+    if args.train_limit is not None:
+        stop = min(stop, args.train_limit)
+    device = accelerator.device if accelerator is not None else torch.device('cpu')
+    erasing = None
+    if args.reprob > 0:
+        erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=device)
+    try:
+        augment = DeviceAugment(
+            data_config['input_size'][1:], data_config['mean'], data_config['std'], scale=args.scale,
+            ratio=args.ratio, interpolation=data_config['interpolation'], hflip=args.hflip,
+            color_jitter=args.color_jitter, random_erasing=erasing)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    processes = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
+    return DeviceTrainLoader(images[:stop], targets[:stop], args.batch_size, augment, device, seed=args.seed,
+                             num_processes=processes[0], process_index=processes[1])
+
+
+def build_loaders(args, data_config: dict, train_ds, val_ds, accelerator: Optional[Accelerator] = None):
+    # torch DataLoaders over timm transforms; Accelerate shards them across processes. With
+    # --device-augment the training batches are augmented on the device and the deterministic
+    # evaluation transforms run once (their tensors are kept)
     mode = 'L' if data_config['input_size'][0] == 1 else 'RGB'
     train_tf = create_transform(
         data_config['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
@@ -819,8 +856,16 @@ def build_loaders(args, data_config: dict, train_ds, val_ds):
         val_ds = set_transform(val_ds, eval_tf, args.val_limit)
     train_ds = set_transform(train_ds, train_tf, args.train_limit, stop=num_train)
     loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem)
-    train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kwargs)
+    if args.device_augment:
+        val_ds, test_ds = cached_transform(val_ds), test_ds and cached_transform(test_ds)
+        loader_kwargs = dict(num_workers=0)
+        if args.no_aug:  # the training transform is deterministic too
+            train_ds = cached_transform(train_ds)
+    if args.device_augment and not args.no_aug:
+        train_loader = device_train_loader(args, data_config, train_images, num_train, accelerator)
+    else:
+        train_loader = torch.utils.data.DataLoader(
+            train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kwargs)
     eval_batch = args.validation_batch_size or args.batch_size
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=eval_batch, shuffle=False, **loader_kwargs)
     test_loader = None if test_ds is None else torch.utils.data.DataLoader(
@@ -829,8 +874,10 @@ def build_loaders(args, data_config: dict, train_ds, val_ds):
     if args.precise_bn > 0:
         bn_ds = copy(train_images)  # the training images under the eval transforms (shares the image data)
         bn_limit = min(args.train_limit or num_train, num_train, args.precise_bn * args.batch_size)
+        bn_ds = set_transform(bn_ds, eval_tf, bn_limit)
         bn_loader = torch.utils.data.DataLoader(
-            set_transform(bn_ds, eval_tf, bn_limit), batch_size=args.batch_size, shuffle=False, **loader_kwargs)
+            cached_transform(bn_ds) if args.device_augment else bn_ds, batch_size=args.batch_size, shuffle=False,
+            **loader_kwargs)
     return train_loader, val_loader, test_loader, bn_loader
 
 
@@ -1060,7 +1107,7 @@ def main(argv=None):
     dynamic_teacher = args.gpd and model.has_teacher
     if args.eval_metric.startswith(('dt_', 'gap_')) and not dynamic_teacher:
         raise UsageError(f'--eval-metric {args.eval_metric} needs a dynamic teacher (--gpd without --gpd-cbr-only)')
-    train_loader, val_loader, test_loader, bn_loader = build_loaders(args, data_config, train_ds, val_ds)
+    train_loader, val_loader, test_loader, bn_loader = build_loaders(args, data_config, train_ds, val_ds, accelerator)
     num_train, num_val = len(train_loader.dataset), len(val_loader.dataset)
     num_test = len(test_loader.dataset) if test_loader is not None else 0
     teacher = None
