@@ -856,14 +856,15 @@ def build_loaders(args, data_config: dict, train_ds, val_ds, accelerator: Option
         val_ds = set_transform(val_ds, eval_tf, args.val_limit)
     train_ds = set_transform(train_ds, train_tf, args.train_limit, stop=num_train)
     loader_kwargs = dict(num_workers=args.workers, pin_memory=args.pin_mem)
+    train_loader = None
     if args.device_augment:
+        # first: only a dataset held in memory as one array is small enough to keep as tensors
+        train_loader = device_train_loader(args, data_config, train_images, num_train, accelerator)
         val_ds, test_ds = cached_transform(val_ds), test_ds and cached_transform(test_ds)
         loader_kwargs = dict(num_workers=0)
-        if args.no_aug:  # the training transform is deterministic too
-            train_ds = cached_transform(train_ds)
-    if args.device_augment and not args.no_aug:
-        train_loader = device_train_loader(args, data_config, train_images, num_train, accelerator)
-    else:
+        if args.no_aug:  # the training transform is deterministic too: computed once as well
+            train_loader, train_ds = None, cached_transform(train_ds)
+    if train_loader is None:
         train_loader = torch.utils.data.DataLoader(
             train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True, **loader_kwargs)
     eval_batch = args.validation_batch_size or args.batch_size

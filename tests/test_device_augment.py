@@ -192,3 +192,20 @@ def test_loader_cost_benchmark_prints_measured_ratios(load_script, fashion_mnist
         low = (ms[name] - 0.005) / (ms['device'] + 0.005) - 0.005
         high = (ms[name] + 0.005) / (ms['device'] - 0.005) + 0.005
         assert low <= ratios[f'{name}/device'] <= high
+
+
+def test_deterministic_transforms_are_cached_exactly(train_module, fashion_mnist_root, tmp_path):
+    """ With --device-augment the evaluation loaders (and with --no-aug the training one) read
+    tensors computed once: the very tensors the PIL loaders give. """
+    data_config = resolve_data_config({'input_size': (1, 32, 32), 'mean': (0.5,), 'std': (0.5,)})
+
+    def loaders(*extra):
+        args = train_module.parse_args(train_args(fashion_mnist_root, tmp_path, 'x', '--val-holdout', '100',
+                                                  '--precise-bn', '1', '--no-aug', *extra))
+        return train_module.build_loaders(args, data_config, *train_module.build_datasets(args))
+
+    plain, cached = loaders(), loaders('--device-augment')
+    for a, b in zip(plain, cached):  # train, val, test, precise-BN
+        assert isinstance(b.dataset, torch.utils.data.TensorDataset) and len(a.dataset) == len(b.dataset)
+        for i in (0, len(a.dataset) - 1):
+            assert torch.equal(a.dataset[i][0], b.dataset[i][0]) and a.dataset[i][1] == b.dataset[i][1]
