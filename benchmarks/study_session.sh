@@ -6,6 +6,7 @@
 #   logtails.tgz  the last 20 kB of every run's log
 #   pub.tar.*     the exported best GPD student (PUBLISHED, e.g. resnet18.gpd_fmnist), split
 #   bn_check.txt  benchmarks/bn_check.py on every GPD run of this session whose student failed its DT
+#   loader_cost.txt  on a GPU: benchmarks/loader_cost.py at the config's batch size and workers
 # results.tgz holds the study's folder by its name (tar xzf results.tgz -C benchmarks/results).
 # Runs that were cut off are in it with the epochs they finished; nothing resumes them.
 #
@@ -38,9 +39,20 @@ name=$(basename "$config" .yaml)
 results=${output:-$PWD/benchmarks/results/study_${name#study_}}
 study=(benchmarks/study.py --config "$config" --data-dir "$data" --output "$results")
 export PYTHONUNBUFFERED=1
+# on a GPU, first what a batch costs to load: PIL in loader workers against train.py's
+# --device-augment, at the config's batch size and workers (benchmarks/loader_cost.py)
+spent=0
+if $py -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    measured=$(date +%s)
+    read -r batch workers < <($py -c "import sys, yaml; t = yaml.safe_load(open(sys.argv[1]))['train']; \
+print(t.get('batch_size', 128), t.get('workers', 2))" "$config")
+    timeout 90 $py benchmarks/loader_cost.py --data-dir "$data" --device cuda --batch-size "$batch" \
+        --workers "$workers" > "$archive/loader_cost.txt" 2>&1
+    spent=$(( $(date +%s) - measured ))
+fi
 # the last 90 s are the tables', the checks' and the packing's; a run starts only if its estimate
 # ends 30 s before that
-budget=$(( minutes * 60 - 90 ))
+budget=$(( minutes * 60 - 90 - spent ))
 within=$($py -c "print(f'{max(0.0, ($budget - 30) / 3600):.4f}')")
 echo "session: $config, $minutes min, --jobs $jobs, runs must end within $within h" | tee "$log"
 timeout -k 15 "$budget" $py "${study[@]}" --jobs "$jobs" --finish-within "$within" 2>&1 | tee -a "$log"
