@@ -46,11 +46,11 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, ParseKwargs, distribute_bn, get_outdir
 
-from timm_gpd.device_augment import DeviceAugment, DeviceTrainLoader, cached_transform, images_of
 from timm_gpd.checkpoint import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, exit_on_sigterm, non_finite_tensors,
     read_weights, run_environment, state_dict_of)
 from timm_gpd import checkpoint as gpd_checkpoint
+from timm_gpd.device_augment import DeviceAugment, DeviceTrainLoader, cached_transform, images_of
 from timm_gpd.losses import DynamicTeacherKD, kd_loss_from_name
 from timm_gpd.models import create_gpd_student, gpd_student_arch, is_gpd_model_name, wrap_gpd_student
 from timm_gpd.precise_bn import recompute_bn_stats

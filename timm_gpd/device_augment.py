@@ -2,7 +2,7 @@
 
 torchvision's MNIST, Fashion-MNIST and CIFAR keep every image in one array. With images this
 small, a GPU trains a batch faster than data loader workers can run timm's per-image PIL
-transforms (random resized crop, flip, color jitter: ~0.2-0.3 ms per image per core), and the
+transforms (random resized crop, flip, color jitter: ~0.3 ms per image per core), and the
 workers take the cores that launch the GPU's kernels. ``train.py --device-augment`` moves the
 whole training set to the device once and draws the same augmentations there, a batch at a
 time, with per-image parameters drawn like timm's transforms draw them:
