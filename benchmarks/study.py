@@ -303,15 +303,19 @@ def committed_files(run_dir: Path) -> List[Path]:
     return [run_dir / f for f in ('summary.csv', 'args.yaml', 'study.json', 'config.json') if (run_dir / f).exists()]
 
 
+def repository_of(folder: Path) -> Optional[Path]:
+    """ The top folder of the git repository that holds `folder` (None outside one). """
+    top = subprocess.run(['git', 'rev-parse', '--show-toplevel'], cwd=folder, capture_output=True, text=True)
+    return Path(top.stdout.strip()) if top.returncode == 0 else None
+
+
 def git_commit_paths(paths: Sequence[Path], message: str):
     """ Commit exactly these paths in the repository that holds them (others' staged changes stay
     staged), retrying a busy index. """
-    top = subprocess.run(['git', 'rev-parse', '--show-toplevel'], cwd=paths[0].parent, capture_output=True,
-                         text=True)
-    if top.returncode != 0:
+    repo = repository_of(paths[0].parent)
+    if repo is None:
         print(f'not committed: {paths[0].parent} is not in a git repository', flush=True)
         return
-    repo = Path(top.stdout.strip())
     rel = [str(p.resolve().relative_to(repo.resolve())) for p in paths]
     for attempt in range(10):
         add = subprocess.run(['git', 'add', '--', *rel], cwd=repo, capture_output=True, text=True)
@@ -745,9 +749,12 @@ def published_repo_id(student: str) -> str:
 
 
 def publish_command(planner: Planner, result: Result) -> str:
+    # relative to the repository the results are in (a driver may run from another checkout)
+    root = (repository_of(planner.runs_dir) or REPO_ROOT).resolve()
+
     def shown(path: Path) -> Path:
         try:
-            return path.relative_to(REPO_ROOT)
+            return path.resolve().relative_to(root)
         except ValueError:
             return path
     final, notes = planner.runs_dir / result.run.name / FINAL_CHECKPOINT, planner.runs_dir.parent / CARD_NOTES

@@ -382,6 +382,18 @@ def test_publish_best_writes_each_students_best_gpd_run_with_the_study_card(stud
     assert repo_id == f'{study.HUB_ORG}/resnet18.gpd_fmnist' and '## How it compares' in kw['card_notes']
 
 
+def test_publish_command_names_paths_in_the_results_repository(study, tmp_path):
+    """ study.md's publish command is relative to the repository that holds the results, also
+    when the driver runs from another checkout (its own REPO_ROOT). """
+    subprocess.run(['git', 'init', '-q', str(tmp_path / 'elsewhere')], check=True)
+    _, out, planner, runs = baseline_and_gpd_study(study, tmp_path, 'elsewhere/results')
+    finish(out / 'runs' / 'resnet18-gpd_scratch-lr0.05-s0', runs['resnet18-gpd_scratch-lr0.05-s0'], 85.0)
+    best, = [r for r in study.finished_results(planner) if r.run.method == 'gpd_scratch']
+    command = study.publish_command(planner, best)
+    assert '--checkpoint results/runs/resnet18-gpd_scratch-lr0.05-s0/final.pth ' in command
+    assert '--card-notes results/card_notes.md ' in command
+
+
 def test_a_time_boxed_session_packs_what_must_travel_back(repo_root, fashion_mnist_root, tmp_path):
     """ benchmarks/study_session.sh: the runs that fit, side by side, then the tables, the best GPD
     student exported and split, everything packed in ARCHIVE_DIR without weights. """
