@@ -71,7 +71,11 @@ def loaders(data_dir: str, batch_size: int, workers: int, device: torch.device):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    built = loaders(args.data_dir, args.batch_size, args.workers, device)
+    try:
+        built = loaders(args.data_dir, args.batch_size, args.workers, device)
+    except train.UsageError as e:  # e.g. no Fashion-MNIST under --data-dir
+        print(f'loader_cost.py: error: {e}', file=sys.stderr)
+        return 2
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else processor_name()
     print(f'device: {where} | {torch.get_num_threads()} threads | torch {torch.__version__} | batch '
           f'{args.batch_size} of 1x32x32 | workers {args.workers} | median of {args.batches} batches | '

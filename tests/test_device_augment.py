@@ -192,6 +192,8 @@ def test_loader_cost_benchmark_prints_measured_ratios(load_script, fashion_mnist
         low = (ms[name] - 0.005) / (ms['device'] + 0.005) - 0.005
         high = (ms[name] + 0.005) / (ms['device'] - 0.005) + 0.005
         assert low <= ratios[f'{name}/device'] <= high
+    assert bench.main(['--data-dir', '/nonexistent', '--device', 'cpu']) == 2
+    assert 'loader_cost.py: error: cannot open dataset' in capsys.readouterr().err
 
 
 def test_deterministic_transforms_are_cached_exactly(train_module, fashion_mnist_root, tmp_path):
