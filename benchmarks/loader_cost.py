@@ -28,8 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import train  # noqa: E402  (its loaders, as a run builds them)
 from timm_gpd.checkpoint import processor_name  # noqa: E402
 
+# one validation image: the device loader caches the evaluation images, which nothing here times
 RECIPE = ['--dataset', 'torch/fashion_mnist', '--model', 'resnet18', '--in-chans', '1', '--img-size', '32',
-          '--scale', '0.5', '1.0', '--color-jitter', '0.4', '--val-holdout', '5000']
+          '--scale', '0.5', '1.0', '--color-jitter', '0.4', '--val-limit', '1']
 
 
 def parse_args(argv=None):
@@ -58,12 +59,13 @@ def loaders(data_dir: str, batch_size: int, workers: int, device: torch.device):
     data_config = {'input_size': (1, 32, 32), 'interpolation': 'bilinear', 'mean': (0.2860,), 'std': (0.3530,),
                    'crop_pct': 0.875, 'crop_mode': 'center'}
     common = RECIPE + ['--data-dir', data_dir, '--batch-size', str(batch_size)]
+    # what build_loaders reads of an Accelerator
+    place = SimpleNamespace(device=device, num_processes=1, process_index=0)
     out = {}
     for name, extra in (('pil_workers', ['--workers', str(workers)]), ('pil_inline', ['--workers', '0']),
                         ('device', ['--device-augment'])):
         args = train.parse_args(common + extra)
         train_ds, val_ds = train.build_datasets(args)
-        place = SimpleNamespace(device=device, num_processes=1, process_index=0)
         out[name] = train.build_loaders(args, data_config, train_ds, val_ds, place)[0]
     return out
 

@@ -230,11 +230,10 @@ class DeviceTrainLoader:
             yield self.augment(self.images[index], generator), self.targets[index]
 
 
-def cached_transform(dataset, indices: Optional[range] = None) -> torch.utils.data.TensorDataset:
+def cached_transform(dataset) -> torch.utils.data.TensorDataset:
     """The (image, label) pairs of ``dataset`` (whose transform is deterministic, e.g. timm's eval
     transform) computed once: later epochs read the tensors instead of transforming again."""
-    indices = range(len(dataset)) if indices is None else indices
-    pairs = [dataset[i] for i in indices]
+    pairs = [dataset[i] for i in range(len(dataset))]
     if not pairs:
         raise ValueError('no image to cache')
     return torch.utils.data.TensorDataset(
