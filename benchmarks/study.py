@@ -70,6 +70,7 @@ CLAIMS = (
     ('cbr_only', 'baseline', 'CBR alone > baseline'),
     ('gpd_scratch', 'baseline_r2lr', "GPD > the baseline at the GPD student's effective lr"),
     ('gpd_decoupled', 'gpd_scratch', 'decoupled student > published GPD'),
+    ('wide_baseline', 'baseline', "the DT's width alone > the student (the headroom a DT could lead by)"),
 )
 
 
