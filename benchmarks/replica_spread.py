@@ -20,6 +20,7 @@ agree. Needs an integer width ratio (each channel copied the same number of time
 
     python benchmarks/replica_spread.py --checkpoint RUN/final.pth --data-dir data
     python benchmarks/replica_spread.py --checkpoint RUN/last.pth --data-dir data --split test --limit 2000
+    python benchmarks/replica_spread.py --checkpoint RUN1/final.pth RUN2/final.pth --data-dir data
 """
 import argparse
 import json
@@ -164,7 +165,8 @@ def report(result: dict) -> List[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', required=True, help='train.py GPD checkpoint (last.pth, final.pth)')
+    p.add_argument('--checkpoint', required=True, nargs='+',
+                   help='train.py GPD checkpoint(s) (last.pth, final.pth), measured one after the other')
     p.add_argument('--data-dir', help="dataset root (default: the run's)")
     p.add_argument('--split', choices=('val', 'test'), default='val',
                    help="the run's held-out validation images or its test split")
@@ -175,15 +177,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error(f'--limit must be at least 1, got {args.limit}')
-    try:
-        result = spread(args.checkpoint, args.data_dir, args.split, args.limit, args.batch_size, args.device)
-    except (CheckpointError, train.UsageError) as e:
-        print(f'{p.prog}: error: {e}', file=sys.stderr)
-        return 2
-    print('\n'.join(report(result)))
+    results, status = [], 0
+    for checkpoint in args.checkpoint:
+        try:
+            result = spread(checkpoint, args.data_dir, args.split, args.limit, args.batch_size, args.device)
+        except (CheckpointError, train.UsageError) as e:
+            print(f'{p.prog}: error: {e}', file=sys.stderr)
+            status = 2  # the others are still measured
+            continue
+        print('\n'.join(report(result)), flush=True)
+        results.append(result)
     if args.results_file:
-        Path(args.results_file).write_text(json.dumps(result, indent=1) + '\n')
-    return 0
+        Path(args.results_file).write_text(json.dumps(results, indent=1) + '\n')
+    return status
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@
 #   logtails.tgz  the last 20 kB of every run's log
 #   pub.tar.*     the exported best GPD student (PUBLISHED, e.g. resnet18.gpd_fmnist), split
 #   bn_check.txt  benchmarks/bn_check.py on every GPD run of this session whose student failed its DT
+#   replica_spread.txt  benchmarks/replica_spread.py on every GPD run of this session (2,000 images)
 #   loader_cost.txt  on a GPU: benchmarks/loader_cost.py at the config's batch size and workers
 # results.tgz holds the study's folder by its name (tar xzf results.tgz -C benchmarks/results).
 # Runs that were cut off are in it with the epochs they finished; nothing resumes them.
@@ -50,9 +51,9 @@ print(t.get('batch_size', 128), t.get('workers', 2))" "$config")
         --workers "$workers" > "$archive/loader_cost.txt" 2>&1
     spent=$(( $(date +%s) - measured ))
 fi
-# the last 90 s are the tables', the checks' and the packing's; a run starts only if its estimate
+# the last 150 s are the tables', the checks' and the packing's; a run starts only if its estimate
 # ends 30 s before that
-budget=$(( minutes * 60 - 90 - spent ))
+budget=$(( minutes * 60 - 150 - spent ))
 within=$($py -c "print(f'{max(0.0, ($budget - 30) / 3600):.4f}')")
 echo "session: $config, $minutes min, --jobs $jobs, runs must end within $within h" | tee "$log"
 timeout -k 15 "$budget" $py "${study[@]}" --jobs "$jobs" --finish-within "$within" 2>&1 | tee -a "$log"
@@ -68,6 +69,15 @@ for run in $($py "${study[@]}" --list-failed); do
             >> "$archive/bn_check.txt" 2>&1
     fi
 done
+# has each DT used its width: how far its replicas and features moved from its student (one process)
+spread_runs=()
+for f in "$results"/runs/*gpd*/final.pth; do
+    [ -f "$f" ] && spread_runs+=("$f")
+done
+if [ ${#spread_runs[@]} -gt 0 ]; then
+    timeout 60 $py benchmarks/replica_spread.py --checkpoint "${spread_runs[@]}" --data-dir "$data" --limit 2000 \
+        > "$archive/replica_spread.txt" 2>&1
+fi
 tar czf "$archive/results.tgz" --exclude='*.pth' --exclude='*.safetensors' --exclude=.lock --exclude=logs \
     -C "$(dirname "$results")" "$(basename "$results")"
 tails=$(mktemp -d)/logtails

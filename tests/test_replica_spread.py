@@ -1,5 +1,6 @@
 """ benchmarks/replica_spread.py: how far a DT's replicas, and its features, have moved from its student's. """
 import copy
+import json
 
 import timm
 import torch
@@ -81,6 +82,14 @@ def test_a_real_checkpoint_reproduces_its_logged_top1(replica_spread, tmp_path_f
     assert replica_spread.main(['--checkpoint', str(checkpoint), '--split', 'test']) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and 'no test split' in err
+    # several checkpoints: a bad one is reported and the others still measured
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint')
+    assert replica_spread.main(['--checkpoint', str(bad), str(checkpoint), '--limit', '10',
+                                '--results-file', str(out)]) == 2
+    captured = capsys.readouterr()
+    assert str(bad) in captured.err and '10 val images' in captured.out
+    assert [r['checkpoint'] for r in json.loads(out.read_text())] == [str(checkpoint)]
 
 
 def test_a_bad_checkpoint_is_one_line(replica_spread, tmp_path, capsys):

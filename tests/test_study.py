@@ -410,11 +410,11 @@ def test_a_time_boxed_session_packs_what_must_travel_back(repo_root, fashion_mni
     archive, out = tmp_path / 'archive', tmp_path / 'study_tiny'
     env = dict(os.environ, PYTHON=sys.executable, STUDY_OUTPUT=str(out), DATA_DIR=str(fashion_mnist_root),
                GPD_STUDY_COMMIT='abc1234')
-    proc = subprocess.run(['bash', 'benchmarks/study_session.sh', str(cfg), '3', '2', str(archive),
+    proc = subprocess.run(['bash', 'benchmarks/study_session.sh', str(cfg), '4', '2', str(archive),
                            'test_resnet.gpd_fmnist'], cwd=repo_root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert 'runs must end within 0.0167 h' in proc.stdout  # 3 min - 90 s for the tables - 30 s
+    assert 'runs must end within 0.0167 h' in proc.stdout  # 4 min - 150 s for the tables and checks - 30 s
     with tarfile.open(archive / 'results.tgz') as tar:
         names = tar.getnames()
     assert 'study_tiny/runs.csv' in names and 'study_tiny/runs/test_resnet-gpd_scratch-lr0.1-s0/summary.csv' in names
@@ -430,6 +430,9 @@ def test_a_time_boxed_session_packs_what_must_travel_back(repo_root, fashion_mni
     assert 'test_resnet-gpd_scratch-lr0.1-s0/final.pth: validation top-1' in checked and 'batch stats' in checked
     with tarfile.open(archive / 'logtails.tgz') as tar:
         assert len([n for n in tar.getnames() if n.endswith('.log')]) == 2
+    spread = (archive / 'replica_spread.txt').read_text()
+    assert 'test_resnet-gpd_scratch-lr0.1-s0/final.pth (epoch 0): DT ratio 2, 32 val images' in spread
+    assert 'per stage' in spread and 'baseline' not in spread
 
 
 def test_study_md_lists_the_gpd_students_that_failed_their_dt(study, tmp_path, capsys):
