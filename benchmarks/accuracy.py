@@ -147,7 +147,8 @@ def build_plan(profile: dict, methods: Sequence[str], seeds: Sequence[int], runs
 
 
 def to_argv(args: dict) -> List[str]:
-    """ train.py flags from a dict: True -> bare flag, False/None -> left out, list -> nargs. """
+    """ train.py flags from a dict: True -> bare flag, False/None -> left out, list -> nargs,
+    dict -> key=value items (--model-kwargs; train.py reads each value back with literal_eval). """
     argv = []
     for key, value in args.items():
         flag = '--' + key.replace('_', '-')
@@ -155,6 +156,8 @@ def to_argv(args: dict) -> List[str]:
             continue
         if value is True:
             argv.append(flag)
+        elif isinstance(value, dict):
+            argv += [flag, *(f'{k}={v!r}' for k, v in value.items())]
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:

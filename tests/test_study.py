@@ -453,3 +453,25 @@ def test_study_md_lists_the_gpd_students_that_failed_their_dt(study, tmp_path, c
     capsys.readouterr()
     assert study.main(['--config', str(config), '--output', str(out), '--list-failed']) == 0
     assert capsys.readouterr().out.split() == ['resnet18-gpd_scratch-lr0.1-s0']
+
+
+
+def test_model_kwargs_reach_train_py_as_it_records_them(study, load_script, tmp_path):
+    """ wide_baseline's --model-kwargs: the argv the driver builds parses back, through train.py's
+    own parser and its args.yaml, to the planned value, so a finished run matches its plan. """
+    import accuracy
+    train = load_script('train.py', 'train_for_study')
+    cfg = dict(STUDY, students={'resnet18': dict(teacher='resnet34', methods=['baseline', 'wide_baseline'])},
+               derived=dict(wide_baseline=dict(lr_from='baseline')))
+    planner = study.Planner(cfg, tmp_path / 'runs', tmp_path / 'data')
+    for lr, val in zip(cfg['lrs'], (90.0, 91.0, 90.5)):
+        run = planner.method_run('resnet18', 'baseline', lr, 0)
+        finish(tmp_path / 'runs' / run.name, run, val)
+    wide = planned(planner)['resnet18-wide_baseline-lr0.05-s0']
+    assert wide.args['model_kwargs'] == {'channels': [128, 256, 512, 1024]}
+    parsed = train.build_parser().parse_args(accuracy.to_argv(wide.args))
+    assert parsed.model_kwargs == {'channels': [128, 256, 512, 1024]}
+    run_dir = tmp_path / 'runs' / wide.name
+    run_dir.mkdir()
+    (run_dir / 'args.yaml').write_text(yaml.safe_dump(vars(parsed)))  # what train.py records
+    assert accuracy.run_state(wide, tmp_path / 'runs') == 'stale'  # same arguments: no SystemExit
