@@ -204,3 +204,12 @@ def shared_train_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path, 
 
 def read_summary(run_dir: Path) -> List[Dict[str, Any]]:
     return read_run_summary(run_dir / 'summary.csv')
+
+
+def assert_bad_checkpoint_is_one_line(main, tmp_path: Path, capsys, *extra_args: str):
+    """ A script's main() on a file that is not a checkpoint: exit status 2 and one error line naming it. """
+    bad = tmp_path / 'not_a_checkpoint.pth'
+    bad.write_bytes(b'not a checkpoint')
+    assert main([*extra_args, '--checkpoint', str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and 'error:' in err and str(bad) in err

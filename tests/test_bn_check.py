@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from hub_helpers import GPD_ARCH, read_summary
+from hub_helpers import assert_bad_checkpoint_is_one_line, GPD_ARCH, read_summary
 
 
 @pytest.fixture(scope='module')
@@ -39,8 +39,4 @@ def test_stored_statistics_reproduce_the_runs_own_validation(bn_check, repo_root
 
 
 def test_a_bad_checkpoint_is_one_line(bn_check, tmp_path, capsys):
-    bad = tmp_path / 'last.pth'
-    bad.write_bytes(b'not a checkpoint')
-    assert bn_check.main(['--checkpoint', str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and 'error:' in err and str(bad) in err
+    assert_bad_checkpoint_is_one_line(bn_check.main, tmp_path, capsys)

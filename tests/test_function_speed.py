@@ -4,7 +4,7 @@ import torch
 import pytest
 
 import timm_gpd
-from hub_helpers import GPD_ARCH, shared_train_run
+from hub_helpers import assert_bad_checkpoint_is_one_line, GPD_ARCH, shared_train_run
 
 
 @pytest.fixture(scope='module')
@@ -40,8 +40,4 @@ def test_a_checkpoint_and_bad_input(function_speed, tmp_path_factory, fashion_mn
     printed = capsys.readouterr().out
     assert f'{GPD_ARCH} ratio 2.0 from {checkpoint}' in printed and 'decoupled' in printed
     assert set(('dt', 'student', 'decoupled')) <= set(__import__('json').loads(out.read_text()))
-    bad = tmp_path / 'bad.pth'
-    bad.write_bytes(b'not a checkpoint')
-    assert function_speed.main(['--data-dir', str(fashion_mnist_root), '--checkpoint', str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and str(bad) in err
+    assert_bad_checkpoint_is_one_line(function_speed.main, tmp_path, capsys, '--data-dir', str(fashion_mnist_root))

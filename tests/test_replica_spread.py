@@ -7,7 +7,7 @@ import torch
 import pytest
 
 import timm_gpd
-from hub_helpers import GPD_ARCH, read_summary, shared_train_run
+from hub_helpers import assert_bad_checkpoint_is_one_line, GPD_ARCH, read_summary, shared_train_run
 
 
 @pytest.fixture(scope='module')
@@ -93,8 +93,4 @@ def test_a_real_checkpoint_reproduces_its_logged_top1(replica_spread, tmp_path_f
 
 
 def test_a_bad_checkpoint_is_one_line(replica_spread, tmp_path, capsys):
-    bad = tmp_path / 'last.pth'
-    bad.write_bytes(b'not a checkpoint')
-    assert replica_spread.main(['--checkpoint', str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and 'error:' in err and str(bad) in err
+    assert_bad_checkpoint_is_one_line(replica_spread.main, tmp_path, capsys)
