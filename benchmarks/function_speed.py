@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timm  # noqa: E402
 
 import timm_gpd  # noqa: E402,F401
-from gap_probe import loader  # noqa: E402  (the study's training split and augmentation)
-from timm_gpd.checkpoint import CheckpointError, build_model, load_checkpoint  # noqa: E402
+from gap_probe import load_gpd_run, loader  # noqa: E402  (the study's training split and augmentation)
+from timm_gpd.checkpoint import CheckpointError  # noqa: E402
 from timm_gpd.reparam import GPDModel  # noqa: E402
 
 NETWORKS = ('dt', 'student', 'decoupled')
@@ -63,25 +63,24 @@ def logit_change(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor],
         return (forward(moved) - before).norm().item()
 
 
-def speeds(model: GPDModel, train_batch, probe_batch, lr: float) -> Dict[str, float]:
+def speeds(model: GPDModel, alone: nn.Module, train_batch, xp: torch.Tensor, lr: float) -> Dict[str, float]:
     """ Each network's logit change from one step, relative to the plain student's alone. """
     x, y = train_batch
-    xp = probe_batch
-    alone = model.extract_student().train()
     unit = logit_change(alone, lambda m: m(xp), lambda m: F.cross_entropy(m(x), y), lr)
     out = {'dt': logit_change(model, lambda m: m(xp, mode='teacher'),
                               lambda m: F.cross_entropy(m(x, mode='teacher'), y), lr)}
     for name, decoupled in (('student', False), ('decoupled', True)):
-        coupled = copy.deepcopy(model)
-        coupled.decouple_student = decoupled
-        # the student's loss through the shared tensors, as training computes it (mode='both')
-        out[name] = logit_change(coupled, lambda m: m(xp, mode='student'),
-                                 lambda m: F.cross_entropy(m(x, mode='both')[0], y), lr)
+        def student_loss(moved: GPDModel, decoupled=decoupled) -> torch.Tensor:
+            # on logit_change's copy; through the shared tensors, as training computes it (mode='both')
+            moved.decouple_student = decoupled
+            return F.cross_entropy(moved(x, mode='both')[0], y)
+        out[name] = logit_change(model, lambda m: m(xp, mode='student'), student_loss, lr)
     return {k: v / unit for k, v in out.items()}
 
 
 def measure(model: GPDModel, batches, probe, lr: float) -> Dict[str, float]:
-    rows = [speeds(model, b, probe, lr) for b in batches]
+    alone = model.extract_student()  # the same weights as a plain timm student: the unit
+    rows = [speeds(model, alone, b, probe, lr) for b in batches]
     return {k: sum(r[k] for r in rows) / len(rows) for k in NETWORKS}
 
 
@@ -105,10 +104,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     try:
         if args.checkpoint:
-            checkpoint = load_checkpoint(args.checkpoint)
-            if checkpoint.get('gpd') is None or checkpoint['gpd'].get('cbr_only'):
-                raise CheckpointError(f'{args.checkpoint} is not a GPD checkpoint with a dynamic teacher (train.py --gpd)')
-            model = build_model(checkpoint, source=str(args.checkpoint))
+            checkpoint, model = load_gpd_run(args.checkpoint)
             args.model, args.img_size = checkpoint['arch'], checkpoint.get('img_size') or args.img_size
         else:
             model = GPDModel(timm.create_model(args.model, num_classes=10, in_chans=1), ratio=args.gpd_ratio,

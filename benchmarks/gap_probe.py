@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 import torch
 
@@ -46,6 +47,15 @@ def loader(data_dir: Path, img_size: int, batch_size: int, seed: int):
     ds = torch.utils.data.Subset(ds, range(55000))  # the study's training split (the tail validates)
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
+
+
+def load_gpd_run(path) -> Tuple[dict, GPDModel]:
+    """ A train.py GPD checkpoint and the model it holds; one without a dynamic teacher (no --gpd,
+    or --gpd-cbr-only) is refused: there is no DT to measure. """
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get('gpd') is None or checkpoint['gpd'].get('cbr_only'):
+        raise CheckpointError(f'{path} is not a GPD checkpoint with a dynamic teacher (train.py --gpd)')
+    return checkpoint, build_model(checkpoint, source=str(path))
 
 
 def flat(grads, params):
@@ -127,10 +137,7 @@ def run(argv=None) -> int:
     torch.manual_seed(args.seed)
 
     if args.checkpoint:
-        checkpoint = load_checkpoint(args.checkpoint)
-        if checkpoint.get('gpd') is None or checkpoint['gpd'].get('cbr_only'):
-            raise CheckpointError(f'{args.checkpoint} is not a GPD checkpoint with a dynamic teacher (train.py --gpd)')
-        model = build_model(checkpoint, source=str(args.checkpoint))
+        checkpoint, model = load_gpd_run(args.checkpoint)
         model.decouple_student = args.decouple_student
         args.model, args.gpd_ratio = checkpoint['arch'], model.ratio
         args.img_size = checkpoint.get('img_size') or args.img_size

@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))  # this checkout's timm_gpd and train.py, not an i
 sys.path.insert(0, str(REPO / 'benchmarks'))  # bn_check, beside this script
 import train  # noqa: E402  (the run's own data pipeline)
 from bn_check import run_args  # noqa: E402
-from timm_gpd.checkpoint import CheckpointError, build_model, load_checkpoint  # noqa: E402
+from gap_probe import load_gpd_run  # noqa: E402
+from timm_gpd.checkpoint import CheckpointError  # noqa: E402
 
 
 class _Sums:
@@ -77,6 +78,9 @@ def measure(model, loader, ratio: int, device: torch.device) -> dict:
     dt_layers, student_layers = norm_layers(model.teacher), norm_layers(model.student)
     names = [n for n in dt_layers if n in student_layers
              and getattr(dt_layers[n], 'num_features', 0) == ratio * getattr(student_layers[n], 'num_features', -1)]
+    if not names:
+        raise CheckpointError('no BatchNorm layer of the DT is a widened copy of one of the student\'s: '
+                              'nothing to measure')
     outputs: Dict[str, Dict[str, torch.Tensor]] = {'dt': {}, 'student': {}}
     hooks = []
     for side, layers in (('dt', dt_layers), ('student', student_layers)):
@@ -101,9 +105,6 @@ def measure(model, loader, ratio: int, device: torch.device) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    if not names:
-        raise CheckpointError('no BatchNorm layer of the DT is a widened copy of one of the student\'s: '
-                              'nothing to measure')
     return dict(images=seen, layers={name: sums[name].row() for name in names},
                 top1={k: 100.0 * v / max(seen, 1) for k, v in hits.items() if k != 'agree'},
                 agreement=100.0 * hits['agree'] / max(seen, 1))
@@ -112,10 +113,8 @@ def measure(model, loader, ratio: int, device: torch.device) -> dict:
 def spread(checkpoint_path: str, data_dir: Optional[str], split: str, limit: Optional[int],
            batch_size: Optional[int], device: str = 'cpu') -> dict:
     device = torch.device(device)
-    checkpoint = load_checkpoint(checkpoint_path)
-    if checkpoint.get('gpd') is None or checkpoint['gpd'].get('cbr_only'):
-        raise CheckpointError(f'{checkpoint_path} is not a GPD checkpoint with a dynamic teacher (train.py --gpd)')
-    model = build_model(checkpoint, source=str(checkpoint_path)).eval().to(device)
+    checkpoint, model = load_gpd_run(checkpoint_path)
+    model = model.eval().to(device)
     ratio = integer_ratio(model)
     args = run_args(checkpoint, data_dir, None, batch_size)
     data_config = checkpoint.get('data_config') or train.resolve_data(args, model)

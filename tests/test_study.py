@@ -455,7 +455,6 @@ def test_study_md_lists_the_gpd_students_that_failed_their_dt(study, tmp_path, c
     assert capsys.readouterr().out.split() == ['resnet18-gpd_scratch-lr0.1-s0']
 
 
-
 def test_model_kwargs_reach_train_py_as_it_records_them(study, load_script, tmp_path):
     """ wide_baseline's --model-kwargs: the argv the driver builds parses back, through train.py's
     own parser and its args.yaml, to the planned value, so a finished run matches its plan. """
