@@ -662,6 +662,12 @@ def study_markdown(planner: Planner, results: List[Result]) -> str:
         gain = last_fifth_gain(r.column('eval_top1'))
         if gain is not None:
             lines.append(f'- {r.run.name}: {gain:+.2f} ({r.run.epochs} epochs)')
+    for (student, method), members in chosen.items():
+        # one run's gain is two readings of a 5,000-image split apart: the seeds' mean is what to judge
+        gains = [g for g in (last_fifth_gain(r.column('eval_top1')) for r in members) if g is not None]
+        if len(gains) > 1:
+            lines.append(f"- {student} {method} at lr {members[0].run.args['lr']:g}, mean of {len(gains)} "
+                         f'seeds: {statistics.fmean(gains):+.2f}')
     gap_lines = []
     for (student, method), members in chosen.items():
         gaps = [r.column('test_gap_top1') for r in members]

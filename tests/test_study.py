@@ -105,6 +105,15 @@ def test_collect_writes_runs_csv_and_paired_confidence_intervals(study, tmp_path
             finish(runs_dir / f'resnet18-baseline-lr0.05-s{seed}', runs[f'resnet18-baseline-lr0.05-s{seed}'], b, b)
             finish(runs_dir / f'resnet18-gpd_scratch-lr0.05-s{seed}', runs[f'resnet18-gpd_scratch-lr0.05-s{seed}'],
                    g, g, gap=0.5)
+    # seed 1 of the baseline gains 0.8 over its last fifth instead of finish()'s 0.4
+    summary = runs_dir / 'resnet18-baseline-lr0.05-s1' / 'summary.csv'
+    with open(summary, newline='') as f:
+        epochs = list(csv.DictReader(f))
+    epochs[0]['eval_top1'] = 79.0
+    with open(summary, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(epochs[0]))
+        w.writeheader()
+        w.writerows(epochs)
     out = tmp_path / 'out'
     written = study.collect(out, planner, quiet=True)
     assert out / 'runs.csv' in written and (out / 'gap_per_epoch.png').exists() and (out / 'cost.png').exists()
@@ -130,7 +139,11 @@ def test_collect_writes_runs_csv_and_paired_confidence_intervals(study, tmp_path
     assert f"--checkpoint {runs_dir / 'resnet18-gpd_scratch-lr0.05-s1' / 'final.pth'}" in text
     notes = (out / 'card_notes.md').read_text()
     assert out / 'card_notes.md' in written and '+2.00 [-0.48, +4.48]' in notes and '| resnet18 | gpd_scratch |' in notes
-    assert [float(r['val_gain_last_fifth']) for r in rows] == pytest.approx([0.4] * 6)
+    gains = {(r['method'], r['seed']): float(r['val_gain_last_fifth']) for r in rows}
+    assert gains.pop(('baseline', '1')) == pytest.approx(0.8)
+    assert list(gains.values()) == pytest.approx([0.4] * 5)
+    assert '- resnet18 baseline at lr 0.05, mean of 3 seeds: +0.53' in text
+    assert '- resnet18 gpd_scratch at lr 0.05, mean of 3 seeds: +0.40' in text
 
 
 def test_commit_paths_leaves_others_staged_work_alone(study, tmp_path, monkeypatch):
