@@ -658,13 +658,14 @@ def study_markdown(planner: Planner, results: List[Result]) -> str:
         lines += [f"- {r.run.regime}: `{r.run.name}`, val {r.final['eval_top1']:.2f}, test {r.final['test_top1']:.2f}"
                   f" (publish: {publish_command(planner, r)})" for r in best]
     lines += ['', '## Convergence (validation top-1 gained over the last fifth of training, every run)', '']
+    gain_of = {r.run.name: last_fifth_gain(r.column('eval_top1')) for r in results}
     for r in results:
-        gain = last_fifth_gain(r.column('eval_top1'))
+        gain = gain_of[r.run.name]
         if gain is not None:
             lines.append(f'- {r.run.name}: {gain:+.2f} ({r.run.epochs} epochs)')
     for (student, method), members in chosen.items():
         # one run's gain is two readings of a 5,000-image split apart: the seeds' mean is what to judge
-        gains = [g for g in (last_fifth_gain(r.column('eval_top1')) for r in members) if g is not None]
+        gains = [gain_of[r.run.name] for r in members if gain_of[r.run.name] is not None]
         if len(gains) > 1:
             lines.append(f"- {student} {method} at lr {members[0].run.args['lr']:g}, mean of {len(gains)} "
                          f'seeds: {statistics.fmean(gains):+.2f}')
