@@ -19,7 +19,6 @@ import csv
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -1005,9 +1004,7 @@ def keep_checkpoint_history(output_dir: str, epoch: int, rows: List[dict], metri
     """ --checkpoint-hist: last.pth of this epoch also as checkpoint-EPOCH.pth; only the `keep` best
     epochs (by the eval metric, ties: the later) keep theirs. """
     path = os.path.join(output_dir, f'checkpoint-{epoch}.pth')
-    tmp = f'{path}.tmp'
-    shutil.copyfile(os.path.join(output_dir, 'last.pth'), tmp)
-    os.replace(tmp, path)
+    gpd_checkpoint.copy_atomic(os.path.join(output_dir, 'last.pth'), path)
     sign = 1. if 'loss' in metric_key else -1.  # lower loss / higher accuracy first
     ranked = sorted(((sign * float(r[f'eval_{metric_key}']), -int(r['epoch'])) for r in rows
                      if os.path.exists(os.path.join(output_dir, f'checkpoint-{int(r["epoch"])}.pth'))))
@@ -1227,7 +1224,8 @@ def main(argv=None):
                                          rng_states, best_metric, data_config, label_names)
                 save_atomic(state, os.path.join(output_dir, 'last.pth'))
                 if is_best:
-                    save_atomic(state, os.path.join(output_dir, 'model_best.pth'))
+                    gpd_checkpoint.copy_atomic(os.path.join(output_dir, 'last.pth'),
+                                               os.path.join(output_dir, 'model_best.pth'))
                 if args.checkpoint_hist:
                     keep_checkpoint_history(output_dir, epoch, rows, metric_key, args.checkpoint_hist)
                 saved['epoch'] = epoch

@@ -1,6 +1,7 @@
 """The checkpoint contract (timm_gpd.checkpoint) and what train.py does with it: atomic writes that
 leave no temporary file, one-line errors for bad files from every entry point, divergence that
 stops a run without losing its last good checkpoint, and the early, clear refusals of bad settings."""
+import os
 import signal
 import subprocess
 import sys
@@ -75,6 +76,23 @@ def test_save_atomic_keeps_the_old_file_and_no_tmp_on_error(tmp_path, monkeypatc
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ['last.pth']
     assert torch.load(path, weights_only=True) == {'epoch': 1}
+
+
+@pytest.mark.parametrize('links', [True, False], ids=['hard-link', 'no-links'])
+def test_copy_atomic_keeps_its_epoch_when_last_is_saved_again(tmp_path, monkeypatch, links):
+    # model_best.pth / checkpoint-EPOCH.pth: one file on disk where links work, a copy where not
+    last, best = tmp_path / 'last.pth', tmp_path / 'model_best.pth'
+    ckpt_lib.save_atomic({'epoch': 1}, last)
+    if not links:
+        def refused(src, dst):
+            raise PermissionError('no hard links here')
+        monkeypatch.setattr(os, 'link', refused)
+    ckpt_lib.copy_atomic(last, best)
+    assert os.path.samefile(last, best) == links
+    ckpt_lib.save_atomic({'epoch': 2}, last)  # the next epoch: best stays at epoch 1
+    assert torch.load(best, weights_only=True) == {'epoch': 1}
+    assert torch.load(last, weights_only=True) == {'epoch': 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.pth', 'model_best.pth']
 
 
 KILLED_MID_SAVE = """

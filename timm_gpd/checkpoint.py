@@ -2,7 +2,7 @@
 
 train.py, validate.py, hfhub and the benchmarks all go through this module to
 
-* write files atomically (``save_atomic``, ``write_atomic``): a temporary file beside the target,
+* write files atomically (``save_atomic``, ``write_atomic``, ``copy_atomic``): a temporary file beside the target,
   fsync'ed, then renamed over it; an exception, Ctrl-C or SIGTERM (see ``exit_on_sigterm``) removes
   the temporary file, so a reader sees the old file or the new one and no ``*.tmp`` is left behind;
 * read weight files (``read_weights``: ``.pth`` with ``weights_only=True``, ``.safetensors``) and
@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import pickle
+import shutil
 import signal
 import sys
 import zipfile
@@ -29,8 +30,8 @@ import torch.nn as nn
 
 __all__ = [
     'CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'TRAINING_KEYS', 'MODEL_KEYS', 'CheckpointError',
-    'NonFiniteWeightsError', 'write_atomic', 'save_atomic', 'write_text_atomic', 'exit_on_sigterm', 'read_weights',
-    'load_checkpoint', 'check_checkpoint',
+    'NonFiniteWeightsError', 'write_atomic', 'save_atomic', 'copy_atomic', 'write_text_atomic', 'exit_on_sigterm',
+    'read_weights', 'load_checkpoint', 'check_checkpoint',
     'state_dict_of', 'create_student', 'build_model', 'load_weights', 'is_gpd_model', 'extract_student',
     'non_finite_tensors', 'check_finite', 'student_config', 'export_student', 'read_summary', 'processor_name',
     'hardware_description', 'run_environment',
@@ -108,6 +109,18 @@ def write_atomic(path: PathLike, write: Callable[[Path], Any]) -> Path:
 def save_atomic(obj: Any, path: PathLike) -> Path:
     """``torch.save`` that leaves either the old file or the complete new one."""
     return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def copy_atomic(src: PathLike, path: PathLike) -> Path:
+    """``path`` as a copy of the finished file ``src``, atomically: a hard link where the file system
+    allows one (no second write of a checkpoint that can weigh gigabytes, and no second copy on disk;
+    ``save_atomic`` replaces ``src`` by a new file, so the link keeps the old content), else a copy."""
+    def duplicate(tmp: Path):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    return write_atomic(path, duplicate)
 
 
 def _write_text(path: Path, text: str):
