@@ -2,9 +2,10 @@
 
 train.py, validate.py, hfhub and the benchmarks all go through this module to
 
-* write files atomically (``save_atomic``, ``write_atomic``, ``copy_atomic``): a temporary file beside the target,
-  fsync'ed, then renamed over it; an exception, Ctrl-C or SIGTERM (see ``exit_on_sigterm``) removes
-  the temporary file, so a reader sees the old file or the new one and no ``*.tmp`` is left behind;
+* write files atomically (``save_atomic``, ``write_atomic``, ``copy_atomic``): a temporary file
+  beside the target, fsync'ed, then renamed over it; an exception, Ctrl-C or SIGTERM (see
+  ``exit_on_sigterm``) removes the temporary file, so a reader sees the old file or the new one and
+  no ``*.tmp`` is left behind;
 * read weight files (``read_weights``: ``.pth`` with ``weights_only=True``, ``.safetensors``) and
   training checkpoints (``load_checkpoint``) with one-line errors naming the file and what is wrong;
 * rebuild the trained model from a checkpoint (``build_model``) and extract the deployable student;
