@@ -1222,10 +1222,10 @@ def main(argv=None):
                 best_metric = metric if is_best else best_metric
                 state = checkpoint_state(args, epoch, unwrapped, optimizer, scheduler, model_ema, accelerator,
                                          rng_states, best_metric, data_config, label_names)
-                save_atomic(state, os.path.join(output_dir, 'last.pth'))
+                last_path = os.path.join(output_dir, 'last.pth')
+                save_atomic(state, last_path)
                 if is_best:
-                    gpd_checkpoint.copy_atomic(os.path.join(output_dir, 'last.pth'),
-                                               os.path.join(output_dir, 'model_best.pth'))
+                    gpd_checkpoint.copy_atomic(last_path, os.path.join(output_dir, 'model_best.pth'))
                 if args.checkpoint_hist:
                     keep_checkpoint_history(output_dir, epoch, rows, metric_key, args.checkpoint_hist)
                 saved['epoch'] = epoch
