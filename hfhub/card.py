@@ -199,7 +199,9 @@ def render_card(run: RunRecord, repo_id: str, license: str, student_info: Option
     name = repo_id.split('/')[-1]
     metrics = {k: v for k, v in epoch_metrics(run).items() if v is not None}
     details = '\n'.join(f'- **{k}:** {v}' for k, v in _details(run, student_info))
-    results = '\n'.join(f'- {k}: {v}' for k, v in metrics.items()) or '- not logged'
+    # summary.csv keeps float noise (90.88000000000001); 4 decimals say all a metric means
+    results = '\n'.join(f'- {k}: {round(v, 4) if isinstance(v, float) else v}'
+                         for k, v in metrics.items()) or '- not logged'
     if holdout_scored(run):
         results = (f"eval_*: the last {run.args['val_holdout']:,} training images, held out (every choice was "
                    "made on them); test_*: the evaluation split, never used for a choice.\n\n" + results)
