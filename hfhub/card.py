@@ -84,7 +84,9 @@ def epoch_metrics(run: RunRecord) -> Dict[str, Any]:
         if run.summary:
             _logger.warning('summary.csv has no row for epoch %s of %s.', run.epoch, run.checkpoint)
         return {}
-    return {k: v for k, v in rows[-1].items() if k.startswith(('eval_', 'test_'))}
+    # summary.csv keeps float noise (90.88000000000001); 4 decimals say all a metric means
+    return {k: round(v, 4) if isinstance(v, float) else v
+            for k, v in rows[-1].items() if k.startswith(('eval_', 'test_'))}
 
 
 def holdout_scored(run: RunRecord) -> bool:
@@ -199,9 +201,7 @@ def render_card(run: RunRecord, repo_id: str, license: str, student_info: Option
     name = repo_id.split('/')[-1]
     metrics = {k: v for k, v in epoch_metrics(run).items() if v is not None}
     details = '\n'.join(f'- **{k}:** {v}' for k, v in _details(run, student_info))
-    # summary.csv keeps float noise (90.88000000000001); 4 decimals say all a metric means
-    results = '\n'.join(f'- {k}: {round(v, 4) if isinstance(v, float) else v}'
-                         for k, v in metrics.items()) or '- not logged'
+    results = '\n'.join(f'- {k}: {v}' for k, v in metrics.items()) or '- not logged'
     if holdout_scored(run):
         results = (f"eval_*: the last {run.args['val_holdout']:,} training images, held out (every choice was "
                    "made on them); test_*: the evaluation split, never used for a choice.\n\n" + results)
